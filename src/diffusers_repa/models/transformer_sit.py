@@ -1,0 +1,317 @@
+"""SiT (Scalable Interpolant Transformer) with REPA projection heads, in diffusers' model style.
+
+Mathematically identical to ``models/sit.py`` of the original REPA code; see ``conversion.py`` for the mapping of
+the original parameter names onto the ones used here.
+
+Conventions: the timestep is continuous ``t`` in [0, 1] with **t = 0 data and t = 1 noise**, fed to the sinusoidal
+embedding unscaled; the class id ``num_classes`` is the null (unconditional) class used for classifier-free guidance.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.loaders import PeftAdapterMixin
+from diffusers.models.attention import FeedForward
+from diffusers.models.embeddings import LabelEmbedding, TimestepEmbedding, Timesteps
+from diffusers.models.modeling_utils import ModelMixin
+from diffusers.utils import BaseOutput
+from torch import nn
+
+# Sizes of the original SiT family: (depth, hidden size, attention heads, default REPA encoder depth).
+# The encoder depths are the paper's choices (block 4 for S/B, block 8 for L/XL).
+SIT_SIZES: dict[str, tuple[int, int, int, int]] = {
+    "S": (12, 384, 6, 4),
+    "B": (12, 768, 12, 4),
+    "L": (24, 1024, 16, 8),
+    "XL": (28, 1152, 16, 8),
+}
+SIT_PATCH_SIZES = (2, 4, 8)
+SIT_PRESETS = tuple(f"SiT-{size}/{patch}" for size in SIT_SIZES for patch in SIT_PATCH_SIZES)
+
+_PRESET_PATTERN = re.compile(r"^sit-(s|b|l|xl)/(\d+)$", re.IGNORECASE)
+
+
+def parse_sit_preset(name: str) -> dict[str, int]:
+    """Config values of a preset name such as ``"SiT-XL/2"`` (case-insensitive).
+
+    Returns ``depth``, ``hidden_size``, ``num_attention_heads``, ``patch_size`` and ``encoder_depth``.
+    """
+    match = _PRESET_PATTERN.match(name.strip())
+    if match is None or int(match.group(2)) not in SIT_PATCH_SIZES:
+        raise ValueError(f"Unknown SiT preset {name!r}. Choose one of: {', '.join(SIT_PRESETS)}.")
+    depth, hidden_size, heads, encoder_depth = SIT_SIZES[match.group(1).upper()]
+    return {
+        "depth": depth,
+        "hidden_size": hidden_size,
+        "num_attention_heads": heads,
+        "patch_size": int(match.group(2)),
+        "encoder_depth": encoder_depth,
+    }
+
+
+def get_2d_sincos_pos_embed(embed_dim: int, grid_size: int) -> torch.Tensor:
+    """Fixed 2-D sine-cosine position table of shape (grid_size², embed_dim), as in MAE/DiT/SiT.
+
+    Computed in float64 and returned as float32; the first half of the channels encodes the column index, the
+    second half the row index (the original's ``meshgrid(w, h)`` order).
+    """
+    if embed_dim % 4 != 0:
+        raise ValueError(f"hidden_size must be divisible by 4 for the 2-D sin-cos position table, got {embed_dim}.")
+    coords = np.arange(grid_size, dtype=np.float64)
+    cols, rows = np.meshgrid(coords, coords)  # cols varies along the last axis
+
+    def embed_1d(positions: np.ndarray) -> np.ndarray:
+        omega = 1.0 / 10000 ** (np.arange(embed_dim // 4, dtype=np.float64) / (embed_dim / 4.0))
+        angles = np.outer(positions.reshape(-1), omega)
+        return np.concatenate([np.sin(angles), np.cos(angles)], axis=1)
+
+    table = np.concatenate([embed_1d(cols), embed_1d(rows)], axis=1)
+    return torch.from_numpy(table).float()
+
+
+@dataclass
+class SiTTransformer2DModelOutput(BaseOutput):
+    """Output of [`SiTTransformer2DModel`].
+
+    Args:
+        sample (`torch.Tensor` of shape `(N, C, H, W)`): predicted velocity ``dx_t/dt`` of the interpolant.
+        projections (`tuple[torch.Tensor]`): one `(N, tokens, projection_dim)` tensor per alignment target, from the
+            output of block `encoder_depth`; empty when the model has no projectors or they were not requested.
+        hidden_states (`tuple[torch.Tensor]`, *optional*): the `(N, tokens, hidden_size)` output of every block,
+            when `output_hidden_states=True`.
+    """
+
+    sample: torch.Tensor
+    projections: tuple[torch.Tensor, ...] = ()
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+
+
+def _modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+class SiTAttention(nn.Module):
+    """Multi-head self-attention with a fused qkv projection (rows ordered [q; k; v]) and optional qk-norm."""
+
+    def __init__(self, dim: int, num_heads: int, qk_norm: bool = False):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.to_qkv = nn.Linear(dim, 3 * dim)
+        self.norm_q = nn.LayerNorm(self.head_dim) if qk_norm else nn.Identity()
+        self.norm_k = nn.LayerNorm(self.head_dim) if qk_norm else nn.Identity()
+        self.to_out = nn.Linear(dim, dim)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        batch, tokens, dim = hidden_states.shape
+        qkv = self.to_qkv(hidden_states).view(batch, tokens, 3, self.num_heads, self.head_dim)
+        query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        query, key = self.norm_q(query), self.norm_k(key)
+        # SDPA picks flash / memory-efficient kernels on GPU.
+        out = F.scaled_dot_product_attention(query, key, value)
+        return self.to_out(out.transpose(1, 2).reshape(batch, tokens, dim))
+
+
+class SiTBlock(nn.Module):
+    """Transformer block with adaLN-Zero conditioning (chunks: shift/scale/gate for attention, then for the MLP)."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qk_norm: bool = False):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.attn = SiTAttention(dim, num_heads, qk_norm=qk_norm)
+        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.ff = FeedForward(dim, mult=mlp_ratio, activation_fn="gelu-approximate", bias=True)
+        self.adaln_modulation = nn.Linear(dim, 6 * dim)
+
+    def forward(self, hidden_states: torch.Tensor, silu_conditioning: torch.Tensor) -> torch.Tensor:
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaln_modulation(
+            silu_conditioning
+        ).chunk(6, dim=-1)
+        attn_input = _modulate(self.norm1(hidden_states), shift_msa, scale_msa)
+        hidden_states = hidden_states + gate_msa.unsqueeze(1) * self.attn(attn_input)
+        mlp_input = _modulate(self.norm2(hidden_states), shift_mlp, scale_mlp)
+        return hidden_states + gate_mlp.unsqueeze(1) * self.ff(mlp_input)
+
+
+def _build_projector(hidden_size: int, projector_dim: int, projection_dim: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Linear(hidden_size, projector_dim),
+        nn.SiLU(),
+        nn.Linear(projector_dim, projector_dim),
+        nn.SiLU(),
+        nn.Linear(projector_dim, projection_dim),
+    )
+
+
+class SiTTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
+    r"""Class-conditional SiT velocity model with REPA projectors.
+
+    Args:
+        sample_size (`int`): side of the (square) latent, e.g. 32 for 256 px images with SD-VAE.
+        patch_size (`int`): side of a patch in latent pixels; tokens = (sample_size / patch_size)².
+        in_channels (`int`): latent channels; the output has the same number.
+        hidden_size (`int`), depth (`int`), num_attention_heads (`int`), mlp_ratio (`float`): transformer sizes.
+        num_classes (`int`): number of real classes; id `num_classes` is the null class.
+        class_dropout_prob (`float`): probability of replacing a label by the null class, in training mode only.
+        encoder_depth (`int`): 1-based index of the block whose output feeds the projectors.
+        projector_dim (`int`): width of the projector MLPs.
+        projection_dims (`tuple[int]`): output width of each projector, one per alignment target (the encoder's
+            feature width); empty means no projectors.
+        qk_norm (`bool`): LayerNorm on queries and keys.
+    """
+
+    _supports_gradient_checkpointing = True
+    _repeated_blocks = ["SiTBlock"]
+    _no_split_modules = ["SiTBlock"]
+    _skip_layerwise_casting_patterns = ["patch_embed", "norm"]
+
+    @register_to_config
+    def __init__(
+        self,
+        sample_size: int = 32,
+        patch_size: int = 2,
+        in_channels: int = 4,
+        hidden_size: int = 1152,
+        depth: int = 28,
+        num_attention_heads: int = 16,
+        mlp_ratio: float = 4.0,
+        num_classes: int = 1000,
+        class_dropout_prob: float = 0.1,
+        encoder_depth: int = 8,
+        projector_dim: int = 2048,
+        projection_dims: tuple[int, ...] = (768,),
+        qk_norm: bool = False,
+    ):
+        super().__init__()
+        if sample_size % patch_size != 0:
+            raise ValueError(f"sample_size ({sample_size}) must be divisible by patch_size ({patch_size}).")
+        if hidden_size % num_attention_heads != 0:
+            raise ValueError(
+                f"hidden_size ({hidden_size}) must be divisible by num_attention_heads ({num_attention_heads})."
+            )
+        if projection_dims and not 1 <= encoder_depth <= depth:
+            raise ValueError(
+                f"encoder_depth must be between 1 and depth ({depth}) so that a block output can be projected, "
+                f"got {encoder_depth}."
+            )
+        self.gradient_checkpointing = False
+        self.grid_size = sample_size // patch_size
+
+        self.patch_embed = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size)
+        # Fixed positions: a buffer rather than a frozen parameter, so optimizers and EMA never see it.
+        self.register_buffer("pos_embed", get_2d_sincos_pos_embed(hidden_size, self.grid_size), persistent=False)
+        self.time_proj = Timesteps(256, flip_sin_to_cos=True, downscale_freq_shift=0)  # cos first, as the original
+        self.time_embed = TimestepEmbedding(256, hidden_size)
+        self.class_embed = LabelEmbedding(num_classes, hidden_size, class_dropout_prob)
+        self.transformer_blocks = nn.ModuleList(
+            [SiTBlock(hidden_size, num_attention_heads, mlp_ratio, qk_norm) for _ in range(depth)]
+        )
+        self.projectors = nn.ModuleList([_build_projector(hidden_size, projector_dim, dim) for dim in projection_dims])
+        self.norm_out = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.adaln_out = nn.Linear(hidden_size, 2 * hidden_size)
+        self.proj_out = nn.Linear(hidden_size, patch_size * patch_size * in_channels)
+        self._init_weights()
+
+    @classmethod
+    def from_preset(cls, name: str, **config) -> SiTTransformer2DModel:
+        """Build a randomly initialised model of a preset size, e.g. ``from_preset("SiT-XL/2", sample_size=32)``.
+
+        Keyword arguments override the preset (e.g. ``encoder_depth``, ``projection_dims``).
+        """
+        return cls(**{**parse_sit_preset(name), **config})
+
+    def _init_weights(self) -> None:
+        """The original SiT initialisation: xavier linears, adaLN-Zero, zero output layer."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+        weight = self.patch_embed.weight.data
+        nn.init.xavier_uniform_(weight.view(weight.shape[0], -1))
+        nn.init.zeros_(self.patch_embed.bias)
+        nn.init.normal_(self.class_embed.embedding_table.weight, std=0.02)
+        nn.init.normal_(self.time_embed.linear_1.weight, std=0.02)
+        nn.init.normal_(self.time_embed.linear_2.weight, std=0.02)
+        for layer in [block.adaln_modulation for block in self.transformer_blocks] + [self.adaln_out, self.proj_out]:
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.grid_size**2
+
+    def unpatchify(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(N, T, p·p·C) → (N, C, H, W)."""
+        batch, patch, channels, grid = tokens.shape[0], self.config.patch_size, self.config.in_channels, self.grid_size
+        tokens = tokens.reshape(batch, grid, grid, patch, patch, channels)
+        return tokens.permute(0, 5, 1, 3, 2, 4).reshape(batch, channels, grid * patch, grid * patch)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        timestep: torch.Tensor | float,
+        class_labels: torch.LongTensor,
+        return_projections: bool = True,
+        output_hidden_states: bool = False,
+        return_dict: bool = True,
+    ) -> SiTTransformer2DModelOutput | tuple:
+        """Predict the velocity of the interpolant at time ``t``.
+
+        Args:
+            hidden_states: noisy latents x_t of shape (N, in_channels, sample_size, sample_size).
+            timestep: t in [0, 1] (t = 0 data, t = 1 noise), shape (N,) or a scalar.
+            class_labels: (N,) class ids in [0, num_classes]; ``num_classes`` is the null class.
+            return_projections: compute the projector outputs (needed for the REPA loss, not for sampling).
+            output_hidden_states: also return every block's output.
+            return_dict: return a [`SiTTransformer2DModelOutput`] instead of a tuple.
+
+        Returns:
+            ``SiTTransformer2DModelOutput(sample, projections, hidden_states)`` or the tuple
+            ``(sample, projections[, hidden_states])``.
+        """
+        expected = (self.config.in_channels, self.config.sample_size, self.config.sample_size)
+        if hidden_states.ndim != 4 or tuple(hidden_states.shape[1:]) != expected:
+            raise ValueError(
+                f"hidden_states must have shape (N, {', '.join(map(str, expected))}), got {tuple(hidden_states.shape)}."
+            )
+        batch = hidden_states.shape[0]
+        timestep = torch.as_tensor(timestep, device=hidden_states.device)
+        if timestep.ndim == 0:
+            timestep = timestep.expand(batch)
+        if timestep.shape != (batch,) or class_labels.shape != (batch,):
+            raise ValueError(
+                f"timestep and class_labels must have shape ({batch},) to match the batch, "
+                f"got {tuple(timestep.shape)} and {tuple(class_labels.shape)}."
+            )
+
+        tokens = self.patch_embed(hidden_states).flatten(2).transpose(1, 2) + self.pos_embed
+        time_features = self.time_proj(timestep).to(tokens.dtype)
+        conditioning = self.time_embed(time_features) + self.class_embed(class_labels)
+        silu_conditioning = F.silu(conditioning)
+
+        projections: tuple[torch.Tensor, ...] = ()
+        all_hidden_states = []
+        for index, block in enumerate(self.transformer_blocks, start=1):
+            if torch.is_grad_enabled() and self.gradient_checkpointing:
+                tokens = self._gradient_checkpointing_func(block, tokens, silu_conditioning)
+            else:
+                tokens = block(tokens, silu_conditioning)
+            if output_hidden_states:
+                all_hidden_states.append(tokens)
+            if index == self.config.encoder_depth and return_projections:
+                projections = tuple(projector(tokens) for projector in self.projectors)
+
+        shift, scale = self.adaln_out(silu_conditioning).chunk(2, dim=-1)
+        tokens = self.proj_out(_modulate(self.norm_out(tokens), shift, scale))
+        sample = self.unpatchify(tokens)
+
+        hidden = tuple(all_hidden_states) if output_hidden_states else None
+        if not return_dict:
+            return (sample, projections) if hidden is None else (sample, projections, hidden)
+        return SiTTransformer2DModelOutput(sample=sample, projections=projections, hidden_states=hidden)
