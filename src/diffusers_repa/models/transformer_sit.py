@@ -200,6 +200,8 @@ class SiTTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
                 f"encoder_depth must be between 1 and depth ({depth}) so that a block output can be projected, "
                 f"got {encoder_depth}."
             )
+        # JSON has no tuples: store a list so that a saved and reloaded config compares equal.
+        self.register_to_config(projection_dims=list(projection_dims))
         self.gradient_checkpointing = False
         self.grid_size = sample_size // patch_size
 
