@@ -1,0 +1,51 @@
+"""Evaluation: ADM-compatible FID / sFID / IS / precision / recall, FD-DINOv2, and representation alignment."""
+
+from pathlib import Path
+
+from .alignment import cka, cknna, linear_probe_accuracy
+from .dinov2 import DINOv2Features
+from .evaluator import compute_reference_batch, evaluate_samples, format_metrics_table, iter_model_outputs
+from .image_io import ImageSet, NpzWriter, iter_npz_batches, open_image_set
+from .inception import (
+    FID_INCEPTION_WEIGHTS_FILENAME,
+    INCEPTION_WEIGHTS_ENV,
+    FIDInceptionV3,
+    InceptionFeatures,
+    load_fid_inception,
+    preprocess_for_inception,
+    resize_bilinear_tf1,
+    resolve_inception_weights,
+)
+from .metrics import RunningStatistics, compute_statistics, frechet_distance, inception_score, precision_recall
+
+# Folder of the `evaluate` metric script: `evaluate.load(str(FID_METRIC_PATH))`.
+FID_METRIC_PATH = Path(__file__).parent / "fid_metric"
+
+__all__ = [
+    "DINOv2Features",
+    "FIDInceptionV3",
+    "FID_INCEPTION_WEIGHTS_FILENAME",
+    "FID_METRIC_PATH",
+    "INCEPTION_WEIGHTS_ENV",
+    "ImageSet",
+    "InceptionFeatures",
+    "NpzWriter",
+    "RunningStatistics",
+    "cka",
+    "cknna",
+    "compute_reference_batch",
+    "compute_statistics",
+    "evaluate_samples",
+    "format_metrics_table",
+    "frechet_distance",
+    "inception_score",
+    "iter_model_outputs",
+    "iter_npz_batches",
+    "linear_probe_accuracy",
+    "load_fid_inception",
+    "open_image_set",
+    "precision_recall",
+    "preprocess_for_inception",
+    "resize_bilinear_tf1",
+    "resolve_inception_weights",
+]
