@@ -1,0 +1,23 @@
+"""Frozen pretrained vision encoders (DINOv2, DINOv3, CLIP, SigLIP, MAE, I-JEPA) as REPA alignment targets."""
+
+from .families import FAMILIES, MODEL_TYPE_TO_FAMILY, EncoderFamily, resample_position_embeddings
+from .registry import ENCODER_ALIASES, TOKEN_STRIDE, EncoderSpec
+from .tiny import save_tiny_random_encoder
+from .tokens import check_token_grid, interpolate_tokens
+from .vision_encoder import FrozenVisionEncoder, load_encoder, load_encoders
+
+__all__ = [
+    "ENCODER_ALIASES",
+    "FAMILIES",
+    "MODEL_TYPE_TO_FAMILY",
+    "TOKEN_STRIDE",
+    "EncoderFamily",
+    "EncoderSpec",
+    "FrozenVisionEncoder",
+    "check_token_grid",
+    "interpolate_tokens",
+    "load_encoder",
+    "load_encoders",
+    "resample_position_embeddings",
+    "save_tiny_random_encoder",
+]
