@@ -147,7 +147,8 @@ def load_encoder(
             transformers checkpoint of a supported family. Hub ids load from the cache when `HF_HUB_OFFLINE=1`.
             Remote code is never run.
         resolution: side R of the (square, uint8) training images; a multiple of 16. The encoder yields (R/16)²
-            tokens: its position table is resampled once here (bicubic, antialias, as the original REPA).
+            tokens: its position table is resampled once here (bicubic, antialias, as the original REPA). The
+            original supports 512 px only with DINOv2; other families follow the same rule there as an extension.
         dtype: dtype of the weights (default float32). The output is float32 regardless.
         device: where to put the weights.
         revision: Hub revision.
