@@ -128,3 +128,137 @@ def test_linear_probe_separates_clusters_and_is_reproducible():
     assert chance < 0.5
     with pytest.raises(ValueError, match="one label"):
         linear_probe_accuracy(features, labels[:10], features, labels)
+
+
+# ---------------------------------------------------------------- per-block analysis of a SiT
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory):
+    """A saved tiny pipeline (32 px images, 16×16×4 latents, 3 blocks) and a tiny random DINOv2 folder."""
+    from diffusers import AutoencoderKL
+
+    from diffusers_repa.encoders import save_tiny_random_encoder
+    from diffusers_repa.models.transformer_sit import SiTTransformer2DModel
+    from diffusers_repa.pipelines.pipeline_sit import SiTPipeline
+    from diffusers_repa.schedulers.scheduling_sit_sde import SiTSDEScheduler
+
+    root = tmp_path_factory.mktemp("alignment_models")
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        vae = AutoencoderKL(
+            down_block_types=("DownEncoderBlock2D",) * 2,
+            up_block_types=("UpDecoderBlock2D",) * 2,
+            block_out_channels=(8, 16),
+            layers_per_block=1,
+            latent_channels=4,
+            norm_num_groups=8,
+            sample_size=32,
+        )
+        transformer = SiTTransformer2DModel(
+            sample_size=16,
+            patch_size=2,
+            hidden_size=32,
+            depth=3,
+            num_attention_heads=2,
+            num_classes=4,
+            encoder_depth=1,
+            projector_dim=16,
+            projection_dims=(8,),
+        )
+    SiTPipeline(transformer=transformer, vae=vae, scheduler=SiTSDEScheduler()).save_pretrained(root / "pipeline")
+    save_tiny_random_encoder("dinov2", root / "encoder", hidden_size=16, num_hidden_layers=1)
+    return root
+
+
+def test_collect_features_runs_the_null_class_at_time_t(tiny_models):
+    from diffusers_repa.encoders import load_encoder
+    from diffusers_repa.evaluation.alignment_analysis import collect_features
+    from diffusers_repa.pipelines.pipeline_sit import SiTPipeline
+
+    pipeline = SiTPipeline.from_pretrained(tiny_models / "pipeline")
+    encoder = load_encoder(tiny_models / "encoder", resolution=32)
+    images = np.random.default_rng(0).integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)
+    hidden, targets = collect_features(
+        pipeline.transformer, pipeline.vae, encoder, images, t=0.3, batch_size=2, seed=7
+    )
+    assert len(hidden) == 3 and all(h.shape == (5, 64, 32) for h in hidden)
+    assert targets.shape == (5, 4, 16)
+
+    # Independent recomputation of the first two images (the first batch): VAE mean, linear path, null class 4.
+    pixels = torch.from_numpy(images[:2]).permute(0, 3, 1, 2)
+    with torch.no_grad():
+        z = pipeline.vae.encode(pixels.float() / 127.5 - 1).latent_dist.mean * pipeline.vae.config.scaling_factor
+        noise = torch.randn(z.shape, generator=torch.Generator().manual_seed(7))
+        output = pipeline.transformer(
+            0.7 * z + 0.3 * noise,
+            timestep=torch.full((2,), 0.3),
+            class_labels=torch.full((2,), 4),
+            output_hidden_states=True,
+        )
+        torch.testing.assert_close(targets[:2], encoder(pixels))
+    for block in range(3):
+        torch.testing.assert_close(hidden[block][:2], output.hidden_states[block], rtol=1e-5, atol=1e-5)
+
+
+def test_alignment_by_block_scores_and_pooling():
+    from diffusers_repa.evaluation.alignment_analysis import alignment_by_block
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 3, 120)
+    centers = rng.normal(scale=3.0, size=(3, 12))
+    encoder = torch.from_numpy(centers[labels][:, None, :] + rng.normal(size=(120, 4, 12))).float()
+    aligned = encoder @ torch.from_numpy(random_orthogonal(12, 0)).float()  # a rotated copy: perfectly aligned
+    unrelated = torch.from_numpy(rng.normal(size=(120, 4, 12))).float()
+    results = alignment_by_block([unrelated, aligned], encoder, labels=labels, probe_epochs=30, probe_lr=1e-2)
+    assert [r.block for r in results] == [1, 2]
+    assert results[1].cknna == pytest.approx(1.0, abs=1e-2) and results[1].cka == pytest.approx(1.0, abs=1e-6)
+    assert abs(results[0].cknna) < 0.1 and results[0].cka < 0.3
+    assert results[1].probe_accuracy >= 0.9 > results[0].probe_accuracy
+    per_token = alignment_by_block([aligned], encoder, pooling="tokens")
+    assert per_token[0].cka == pytest.approx(1.0, abs=1e-6) and per_token[0].probe_accuracy is None
+    with pytest.raises(ValueError, match="same number of tokens"):
+        alignment_by_block([aligned[:, :2]], encoder, pooling="tokens")
+
+
+def test_analyze_alignment_cli_writes_csv_and_plot(tiny_models, tmp_path, capsys):
+    import csv
+    import importlib.util
+    from pathlib import Path
+
+    from PIL import Image
+
+    images = np.random.default_rng(1).integers(0, 256, (24, 32, 32, 3), dtype=np.uint8)
+    np.savez(tmp_path / "images.npz", arr_0=images, arr_1=np.arange(24) % 4)
+    script_path = Path(__file__).resolve().parents[1] / "pipelines" / "analyze_alignment.py"
+    spec = importlib.util.spec_from_file_location("pipelines_analyze_alignment", script_path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    script.main(
+        [
+            "--pipeline",
+            str(tiny_models / "pipeline"),
+            "--encoder",
+            str(tiny_models / "encoder"),
+            "--images",
+            str(tmp_path / "images.npz"),
+            "--output_dir",
+            str(tmp_path / "out"),
+            "--k",
+            "5",
+            "--probe_epochs",
+            "3",
+            "--device",
+            "cpu",
+        ]
+    )
+    assert "CKNNA" in capsys.readouterr().out
+    with open(tmp_path / "out" / "alignment.csv") as file:
+        rows = list(csv.DictReader(file))
+    assert [row["block"] for row in rows] == ["1", "2", "3"]
+    assert all(-1 <= float(row["cknna"]) <= 1 and 0 <= float(row["cka"]) <= 1 for row in rows)
+    assert all(0 <= float(row["probe_accuracy"]) <= 1 for row in rows)
+    plot = np.asarray(Image.open(tmp_path / "out" / "alignment.png").convert("RGB"))
+    assert plot.shape == (400, 640, 3)
+    for colour in [(31, 119, 180), (255, 127, 14), (44, 160, 44)]:
+        assert (plot == colour).all(axis=-1).sum() > 20, colour
