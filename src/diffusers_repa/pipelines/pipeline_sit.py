@@ -1,0 +1,353 @@
+"""Class-conditional image generation with a SiT velocity model (REPA), as a diffusers pipeline."""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+import json
+from collections.abc import Callable, Sequence
+from functools import cache
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+from diffusers.image_processor import VaeImageProcessor
+from diffusers.models import AutoencoderKL
+from diffusers.pipelines.pipeline_utils import DiffusionPipeline, ImagePipelineOutput
+from diffusers.utils.torch_utils import randn_tensor
+from huggingface_hub import snapshot_download
+
+from ..models.transformer_sit import SiTTransformer2DModel
+from ..schedulers.scheduling_sit_ode import SiTODEScheduler
+from ..schedulers.scheduling_sit_sde import SiTSDEScheduler
+from ..schedulers.scheduling_utils_sit import check_num_inference_steps, sampling_dtype
+from .lora_loader_sit import SiTLoraLoaderMixin
+
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+# Weight formats a download skips unless `use_safetensors=False` is passed: this package loads safetensors only.
+_PICKLED_WEIGHT_PATTERNS = ["*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl"]
+_IMAGENET_ID2LABEL_FILE = Path(__file__).with_name("imagenet_id2label.json")
+
+
+@cache
+def _read_imagenet_id2label() -> dict[str, str]:
+    return json.loads(_IMAGENET_ID2LABEL_FILE.read_text(encoding="utf-8"))
+
+
+def imagenet_id2label() -> dict[int, str]:
+    """The 1000 ImageNet-1k class names by class id, comma-separated synonyms per class (DiT's ``id2label``)."""
+    return {int(key): value for key, value in _read_imagenet_id2label().items()}
+
+
+class SiTPipeline(DiffusionPipeline, SiTLoraLoaderMixin):
+    r"""Class-conditional generation with a [`SiTTransformer2DModel`] (velocity model, t = 1 noise, t = 0 data).
+
+    Sampling starts from Gaussian latents at t = 1 and follows the scheduler to t = 0; the latents are then decoded
+    with the VAE (``z / scaling_factor``). The sampler state is kept in float64 (float32 on MPS) as in the original
+    REPA samplers; the transformer runs in its own dtype.
+
+    Classifier-free guidance: when ``guidance_scale > 1`` and ``low ≤ t ≤ high`` for the time t at which a solver step
+    starts, the conditional and null-class (id ``num_classes``) inputs run as one doubled batch and the velocity
+    becomes ``uncond + w·(cond − uncond)``; outside the interval only the conditional batch runs. A Heun corrector
+    keeps the decision of its predictor step, as REPA's sampler does.
+
+    Schedulers: [`SiTODEScheduler`] (Euler/Heun), [`SiTSDEScheduler`] (Euler–Maruyama) and diffusers'
+    [`FlowMatchEulerDiscreteScheduler`] (linear path only; its timesteps are ``t · num_train_timesteps`` and are
+    converted to the model's t, and its default grid is ``linspace(1, 1/num_train_timesteps, N)`` then 0).
+
+    Args:
+        transformer ([`SiTTransformer2DModel`]): the velocity model.
+        vae ([`AutoencoderKL`], *optional*): decodes latents to images; may be None for ``output_type="latent"``.
+        scheduler: one of the schedulers above.
+        id2label (`dict`, *optional*): class names by id (ImageNet: [`imagenet_id2label`]); comma-separated synonyms
+            each name the class. Stored in ``model_index.json``.
+    """
+
+    model_cpu_offload_seq = "transformer->vae"
+    _optional_components = ["vae"]
+    _callback_tensor_inputs = ["latents"]
+
+    def __init__(
+        self,
+        transformer: SiTTransformer2DModel,
+        vae: AutoencoderKL | None,
+        scheduler: SiTODEScheduler | SiTSDEScheduler | FlowMatchEulerDiscreteScheduler,
+        id2label: dict[str, str] | dict[int, str] | None = None,
+    ):
+        super().__init__()
+        self.register_modules(transformer=transformer, vae=vae, scheduler=scheduler)
+        if id2label is not None:
+            # JSON object keys are strings: store them that way so that saved and loaded configs agree.
+            id2label = {str(self._check_class_id(key, "id2label key")): name for key, name in id2label.items()}
+        self.register_to_config(id2label=id2label)
+        self.labels, self._ambiguous_labels = self._index_label_names(id2label or {})
+        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 8
+        self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
+
+    @classmethod
+    def download(cls, pretrained_model_name: str, **kwargs) -> str:
+        """Fetch (or find in the cache) a snapshot of a Hub repository and return its local folder.
+
+        diffusers' own `download` only resolves components whose classes live in diffusers or transformers and
+        refuses this package's, so the snapshot comes straight from `huggingface_hub.snapshot_download`; with
+        ``HF_HUB_OFFLINE=1`` or ``local_files_only=True`` it is served from the cache. Pickled weight files are
+        skipped unless ``use_safetensors=False``. `from_pretrained` calls this for repo ids; local folders load
+        directly.
+
+        Keyword args used: ``cache_dir``, ``revision``, ``token``, ``force_download``, ``local_files_only``,
+        ``use_safetensors``; diffusers' other download options are ignored.
+        """
+        return snapshot_download(
+            pretrained_model_name,
+            cache_dir=kwargs.get("cache_dir"),
+            revision=kwargs.get("revision"),
+            token=kwargs.get("token"),
+            force_download=bool(kwargs.get("force_download")),
+            local_files_only=bool(kwargs.get("local_files_only")),
+            ignore_patterns=None if kwargs.get("use_safetensors") is False else _PICKLED_WEIGHT_PATTERNS,
+            user_agent={"pipeline_class": cls.__name__},
+        )
+
+    @staticmethod
+    def _index_label_names(id2label: dict[str, str]) -> tuple[dict[str, int], dict[str, list[int]]]:
+        """Name → class id for every synonym; synonyms shared by several classes (ImageNet's "crane") kept apart."""
+        ids_by_name: dict[str, set[int]] = {}
+        for key, names in id2label.items():
+            for name in names.split(","):
+                ids_by_name.setdefault(name.strip(), set()).add(int(key))
+        unique = {name: next(iter(ids)) for name, ids in sorted(ids_by_name.items()) if len(ids) == 1}
+        ambiguous = {name: sorted(ids) for name, ids in ids_by_name.items() if len(ids) > 1}
+        return unique, ambiguous
+
+    def _check_class_id(self, class_id: int | str, what: str = "class label") -> int:
+        num_classes = self.transformer.config.num_classes
+        if isinstance(class_id, str) and class_id.strip().isdigit():
+            class_id = int(class_id)
+        if isinstance(class_id, bool) or not isinstance(class_id, (int, np.integer)):
+            raise ValueError(f"{what} {class_id!r} is not an integer class id.")
+        value = int(class_id)
+        if not 0 <= value < num_classes:
+            raise ValueError(
+                f"{what} {class_id!r} is out of range: class ids go from 0 to {num_classes - 1} "
+                f"({num_classes} is the null class used for guidance)."
+            )
+        return value
+
+    def get_label_ids(self, label: str | Sequence[str]) -> list[int]:
+        """Class ids of class names (any of a class's comma-separated synonyms, exact spelling).
+
+        Raises:
+            ValueError: for an unknown name (with close matches) or a name shared by several classes.
+        """
+        names = [label] if isinstance(label, str) else list(label)
+        ids = []
+        for name in names:
+            key = name.strip()
+            if key in self.labels:
+                ids.append(self.labels[key])
+            elif key in self._ambiguous_labels:
+                raise ValueError(
+                    f"Class name {name!r} names several classes {self._ambiguous_labels[key]}; pass the class id."
+                )
+            elif not self.labels:
+                raise ValueError(
+                    f"Class name {name!r} given, but this pipeline has no id2label; pass integer class ids or build "
+                    "the pipeline with id2label (e.g. diffusers_repa.pipelines.imagenet_id2label())."
+                )
+            else:
+                close = difflib.get_close_matches(key, self.labels, n=3)
+                hint = (
+                    f" Did you mean {', '.join(map(repr, close))}?" if close else " See `pipe.labels` for the names."
+                )
+                raise ValueError(f"Unknown class name {name!r}.{hint}")
+        return ids
+
+    def _resolve_class_labels(self, class_labels: int | str | Sequence[int | str] | torch.Tensor) -> list[int]:
+        if isinstance(class_labels, torch.Tensor):
+            class_labels = class_labels.reshape(-1).tolist()
+        elif isinstance(class_labels, (int, str, np.integer)):
+            class_labels = [class_labels]
+        ids = [
+            self.get_label_ids(label)[0]
+            if isinstance(label, str) and not label.strip().isdigit()
+            else self._check_class_id(label)
+            for label in class_labels
+        ]
+        if not ids:
+            raise ValueError("class_labels is empty; pass at least one class id or name.")
+        return ids
+
+    def check_inputs(
+        self,
+        num_inference_steps: int,
+        guidance_scale: float,
+        guidance_interval: tuple[float, float],
+        output_type: str,
+        callback_on_step_end_tensor_inputs: list[str],
+    ) -> None:
+        """Raise a ValueError naming the first invalid argument."""
+        check_num_inference_steps(num_inference_steps)
+        if guidance_scale < 1:
+            raise ValueError(
+                f"guidance_scale must be >= 1 (1 disables classifier-free guidance), got {guidance_scale}."
+            )
+        if len(guidance_interval) != 2:
+            raise ValueError(f"guidance_interval must be a pair (low, high), got {guidance_interval!r}.")
+        low, high = guidance_interval
+        if not 0 <= low <= high <= 1:
+            raise ValueError(
+                f"guidance_interval must satisfy 0 <= low <= high <= 1 (times, t = 1 noise), got {guidance_interval!r}."
+            )
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}.")
+        if output_type != "latent" and self.vae is None:
+            raise ValueError(
+                f"output_type={output_type!r} needs a VAE to decode the latents, but this pipeline has vae=None; "
+                "pass output_type='latent' or load the pipeline with a VAE."
+            )
+        unknown = [name for name in callback_on_step_end_tensor_inputs if name not in self._callback_tensor_inputs]
+        if unknown:
+            raise ValueError(f"callback_on_step_end_tensor_inputs {unknown} not in {self._callback_tensor_inputs}.")
+
+    def _decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1] from latents ``z``, inverting ``z = (x − shift)·scale`` or ``(x − mean)·scale / std``."""
+        config = self.vae.config
+        latents = latents.to(self.vae.dtype)
+        if config.get("latents_mean") is not None and config.get("latents_std") is not None:
+            mean = torch.tensor(config.latents_mean).view(1, -1, 1, 1).to(latents)
+            std = torch.tensor(config.latents_std).view(1, -1, 1, 1).to(latents)
+            latents = latents * std / config.scaling_factor + mean
+        else:
+            latents = latents / config.scaling_factor + (config.get("shift_factor") or 0.0)
+        return self.vae.decode(latents).sample
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        class_labels: int | str | Sequence[int | str] | torch.Tensor,
+        num_inference_steps: int = 250,
+        guidance_scale: float = 1.0,
+        guidance_interval: tuple[float, float] = (0.0, 1.0),
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        callback_on_step_end: Callable | PipelineCallback | MultiPipelineCallbacks | None = None,
+        callback_on_step_end_tensor_inputs: list[str] = ["latents"],  # noqa: B006 (diffusers' signature)
+        step_noises: Sequence[torch.Tensor] | None = None,
+    ) -> ImagePipelineOutput | tuple:
+        r"""Generate one image per class label.
+
+        Args:
+            class_labels: class ids (ints or digit strings) and/or class names (see `get_label_ids`), one per image.
+            num_inference_steps: scheduler steps N (SDE and Euler: N model calls; Heun: 2N − 1).
+            guidance_scale: classifier-free guidance weight w; 1 disables guidance (REPA's paper setting: 1.8).
+            guidance_interval: ``(low, high)``; guidance is applied only while ``low ≤ t ≤ high`` (t = 1 noise),
+                e.g. ``(0.0, 0.7)`` in the paper.
+            generator: random generator(s) for the initial latents and the SDE noise.
+            latents: initial noise (N, C, H, W) at t = 1, one per label; drawn from `generator` if not given.
+            output_type: ``"pil"``, ``"np"`` (N, H, W, 3) in [0, 1], ``"pt"`` (N, 3, H, W) in [0, 1], or ``"latent"``
+                (the final latents z, in the sampler's float64 state precision).
+            return_dict: return an [`ImagePipelineOutput`] instead of a tuple.
+            callback_on_step_end: called after every step as ``callback(pipe, i, t, {"latents": ...})``; may return
+                replacement ``latents``.
+            callback_on_step_end_tensor_inputs: tensors passed to the callback (only ``"latents"``).
+            step_noises: Gaussian noise for each stochastic scheduler step instead of fresh draws (one (N, C, H, W)
+                tensor per step, `scheduler.num_stochastic_steps` of them); for reproducing a recorded run with
+                [`SiTSDEScheduler`].
+
+        Returns:
+            [`ImagePipelineOutput`] with ``images``, or the tuple ``(images,)``.
+        """
+        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
+        self.check_inputs(
+            num_inference_steps, guidance_scale, guidance_interval, output_type, callback_on_step_end_tensor_inputs
+        )
+        label_ids = self._resolve_class_labels(class_labels)
+        config = self.transformer.config
+        shape = (len(label_ids), config.in_channels, config.sample_size, config.sample_size)
+        if latents is not None and tuple(latents.shape) != shape:
+            raise ValueError(
+                f"latents must have shape {shape} (one per class label, the transformer's channels and sample_size), "
+                f"got {tuple(latents.shape)}."
+            )
+
+        device = self._execution_device
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        step_kwargs = {}
+        step_parameters = inspect.signature(self.scheduler.step).parameters
+        if "generator" in step_parameters:
+            step_kwargs["generator"] = generator
+        if step_noises is not None:
+            expected = getattr(self.scheduler, "num_stochastic_steps", None)
+            if "noise" not in step_parameters or expected is None:
+                raise ValueError(
+                    f"step_noises needs a scheduler that takes injected noise, not {type(self.scheduler)}."
+                )
+            if len(step_noises) != expected:
+                raise ValueError(
+                    f"step_noises must hold {expected} tensors for this schedule, got {len(step_noises)}."
+                )
+
+        if latents is None:
+            # float32 noise whatever the model dtype (as the original draws it): bf16 noise would be coarsely rounded.
+            latents = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
+        latents = latents.to(device=device, dtype=sampling_dtype(device))
+        labels = torch.tensor(label_ids, device=device)
+        guided_labels = torch.cat([labels, torch.full_like(labels, config.num_classes)])
+        # diffusers' flow-matching schedulers count time as t · num_train_timesteps; ours use t itself.
+        time_scale = self.scheduler.config.get("num_train_timesteps", 1)
+        low, high = guidance_interval
+
+        # Label dropout is active in training mode and would silently replace labels by the null class.
+        was_training = self.transformer.training
+        self.transformer.eval()
+        try:
+            timesteps = self.scheduler.timesteps
+            use_guidance = False
+            with self.progress_bar(total=len(timesteps)) as progress_bar:
+                for i, t in enumerate(timesteps):
+                    time = float(t) / time_scale
+                    if getattr(self.scheduler, "state_in_first_order", True):
+                        use_guidance = guidance_scale > 1 and low <= time <= high
+                    model_input = latents.to(self.transformer.dtype)
+                    if use_guidance:
+                        model_input = torch.cat([model_input, model_input])
+                    timestep = torch.full((model_input.shape[0],), time, device=device, dtype=torch.float32)
+                    velocity = self.transformer(
+                        model_input,
+                        timestep=timestep,
+                        class_labels=guided_labels if use_guidance else labels,
+                        return_projections=False,
+                    ).sample.to(latents.dtype)
+                    if use_guidance:
+                        conditional, unconditional = velocity.chunk(2)
+                        velocity = unconditional + guidance_scale * (conditional - unconditional)
+                    noise_kwargs = (
+                        {"noise": step_noises[i]} if step_noises is not None and i < len(step_noises) else {}
+                    )
+                    latents = self.scheduler.step(
+                        velocity, t, latents, **step_kwargs, **noise_kwargs, return_dict=False
+                    )[0]
+
+                    if callback_on_step_end is not None:
+                        tensors = {"latents": latents}
+                        callback_kwargs = {name: tensors[name] for name in callback_on_step_end_tensor_inputs}
+                        callback_outputs = callback_on_step_end(self, i, t, callback_kwargs)
+                        latents = callback_outputs.pop("latents", latents)
+                    progress_bar.update()
+        finally:
+            self.transformer.train(was_training)
+
+        if output_type == "latent":
+            images = latents
+        else:
+            images = self.image_processor.postprocess(self._decode(latents), output_type=output_type)
+
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (images,)
+        return ImagePipelineOutput(images=images)
