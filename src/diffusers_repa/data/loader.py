@@ -1,0 +1,177 @@
+"""Training loader over a latent cache: whole batches gathered from Arrow, order fixed by (seed, epoch)."""
+
+from __future__ import annotations
+
+import datasets
+import numpy as np
+import pyarrow as pa
+import torch
+from torch.utils.data import BatchSampler, DataLoader, Sampler
+
+__all__ = ["EpochBatchSampler", "LatentCacheBatches", "SeededEpochSampler", "make_train_dataloader"]
+
+_ARRAY_COLUMNS = ("image", "latent_mean", "latent_std")
+
+
+class SeededEpochSampler(Sampler[int]):
+    """Dataset indices in an order that depends only on ``(seed, epoch)``: a permutation, or ``0..n-1``.
+
+    ``set_epoch`` selects the epoch (``accelerate``'s prepared loaders call it at every ``__iter__``);
+    :class:`EpochBatchSampler` also advances it after each complete pass.
+    """
+
+    def __init__(self, num_samples: int, *, shuffle: bool = True, seed: int = 0):
+        self.num_samples = num_samples
+        self.shuffle = shuffle
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def order(self) -> np.ndarray:
+        if not self.shuffle:
+            return np.arange(self.num_samples)
+        return np.random.default_rng([self.seed, self.epoch]).permutation(self.num_samples)
+
+    def __iter__(self):
+        return iter(self.order().tolist())
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+
+class EpochBatchSampler(BatchSampler):
+    """Batches of ``(index, flip)`` pairs; order and flips depend only on the sampler's ``(seed, epoch)``.
+
+    The flips are drawn here, not in the workers, so a resumed run (``accelerate.skip_first_batches``) sees the
+    same flips as an uninterrupted one.
+    """
+
+    def __init__(self, sampler: SeededEpochSampler, batch_size: int, drop_last: bool, hflip: bool = False):
+        super().__init__(sampler, batch_size, drop_last)
+        self.hflip = hflip
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
+
+    def __iter__(self):
+        sampler = self.sampler
+        order = sampler.order().tolist()
+        if self.hflip:
+            flips = (np.random.default_rng([sampler.seed, sampler.epoch, 1]).random(len(order)) < 0.5).tolist()
+        else:
+            flips = [False] * len(order)
+        stop = len(order) - len(order) % self.batch_size if self.drop_last else len(order)
+        for start in range(0, stop, self.batch_size):
+            end = min(start + self.batch_size, stop)
+            yield list(zip(order[start:end], flips[start:end]))
+        sampler.set_epoch(sampler.epoch + 1)
+
+
+def _fixed_shape_column(column: pa.ChunkedArray, shape: tuple[int, ...]) -> np.ndarray:
+    """A column of a fixed-shape ``datasets`` array feature as one new numpy array (rows, *shape).
+
+    Each chunk is viewed without copying (list arrays flatten to their value buffer); the only copy is the final
+    concatenation, which also makes the result writable for ``torch.from_numpy``.
+    """
+    parts = []
+    for chunk in column.chunks:
+        values = chunk.storage if isinstance(chunk, pa.ExtensionArray) else chunk
+        while (
+            pa.types.is_list(values.type)
+            or pa.types.is_large_list(values.type)
+            or pa.types.is_fixed_size_list(values.type)
+        ):
+            values = values.flatten()
+        parts.append(values.to_numpy(zero_copy_only=False).reshape(-1, *shape))
+    return np.concatenate(parts) if parts else np.empty((0, *shape))
+
+
+class LatentCacheBatches(torch.utils.data.Dataset):
+    """Map-style view of a latent cache that fetches a whole batch with one Arrow ``take``.
+
+    ``__getitems__`` takes the ``(index, flip)`` pairs of :class:`EpochBatchSampler` and returns
+    ``image`` uint8 (B, 3, R, R), ``latent_mean`` / ``latent_std`` float32 (B, C, h, w), ``label`` int64 (B,).
+    A flip mirrors the pixel crop and both latent moments along the width. The cache was encoded from the
+    unflipped crop, so the flipped moments are only approximately the posterior of the flipped crop (the VAE is
+    not exactly flip-equivariant); the original REPA trains without flips, hence the default ``hflip=False``.
+    """
+
+    def __init__(self, dataset: datasets.Dataset):
+        missing = [name for name in (*_ARRAY_COLUMNS, "label") if name not in dataset.column_names]
+        if missing:
+            raise ValueError(
+                f"Not a latent cache: columns {missing} are missing (has {dataset.column_names}); "
+                "open caches with diffusers_repa.data.load_latent_cache."
+            )
+        self._shapes = {name: tuple(dataset.features[name].shape) for name in _ARRAY_COLUMNS}
+        self._table_view = dataset.with_format("arrow", columns=[*_ARRAY_COLUMNS, "label"])
+
+    def __len__(self) -> int:
+        return len(self._table_view)
+
+    def __getitems__(self, batch: list[tuple[int, bool]]) -> dict[str, torch.Tensor]:
+        indices = [index for index, _ in batch]
+        table = self._table_view[indices]
+        samples = {
+            name: torch.from_numpy(_fixed_shape_column(table[name], self._shapes[name])) for name in _ARRAY_COLUMNS
+        }
+        samples["label"] = torch.from_numpy(table["label"].to_numpy()).to(torch.int64)
+        flips = torch.tensor([flip for _, flip in batch], dtype=torch.bool)
+        if flips.any():
+            mask = flips.view(-1, 1, 1, 1)
+            for name in _ARRAY_COLUMNS:
+                samples[name] = torch.where(mask, samples[name].flip(-1), samples[name])
+        return samples
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return {name: value[0] for name, value in self.__getitems__([(index, False)]).items()}
+
+
+def _batch_as_is(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    # __getitems__ already returns the collated batch.
+    return batch
+
+
+def make_train_dataloader(
+    dataset: datasets.Dataset,
+    batch_size: int,
+    *,
+    shuffle: bool = True,
+    seed: int = 0,
+    num_workers: int = 0,
+    hflip: bool = False,
+    drop_last: bool = True,
+    pin_memory: bool = False,
+) -> DataLoader:
+    """A torch ``DataLoader`` over a latent cache (from :func:`load_latent_cache`), batch by batch.
+
+    Each batch is a dict: ``image`` uint8 (B, 3, R, R), ``latent_mean`` and ``latent_std`` float32 (B, C, h, w),
+    ``label`` int64 (B,). The sample order (and the flips, when ``hflip``) depend only on ``(seed, epoch)``:
+    ``loader.batch_sampler.set_epoch(epoch)`` selects the epoch, and after ``accelerator.prepare`` the
+    prepared loader's ``set_epoch`` forwards to it (it is also called at each ``__iter__`` with accelerate's own
+    iteration count). The epoch also advances by itself after each complete pass. To resume mid-epoch, call
+    ``set_epoch(epoch)`` on the prepared loader, then iterate ``accelerator.skip_first_batches(loader, n)``;
+    call ``set_epoch`` again at the start of every later epoch, since the skipping loader does not forward it.
+
+    With ``accelerator.prepare`` each process gets every ``num_processes``-th batch (``batch_size`` is per
+    process). ``hflip`` mirrors image and latent moments together (see :class:`LatentCacheBatches`).
+    """
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be positive, got {batch_size}.")
+    batches = LatentCacheBatches(dataset)
+    if drop_last and len(batches) < batch_size:
+        raise ValueError(
+            f"The cache has {len(batches)} samples, fewer than one batch of {batch_size} with drop_last=True; "
+            "lower the batch size or pass drop_last=False."
+        )
+    sampler = SeededEpochSampler(len(batches), shuffle=shuffle, seed=seed)
+    return DataLoader(
+        batches,
+        batch_sampler=EpochBatchSampler(sampler, batch_size, drop_last, hflip=hflip),
+        collate_fn=_batch_as_is,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        persistent_workers=num_workers > 0,
+    )
