@@ -55,7 +55,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    pipe = SiTPipeline.from_pretrained(str(args.model), torch_dtype=DTYPES[args.dtype]).to(args.device)
+    pipe = SiTPipeline.from_pretrained(str(args.model), dtype=DTYPES[args.dtype]).to(args.device)
     if args.sampler == "ode":
         pipe.scheduler = SiTODEScheduler(solver="heun" if args.heun else "euler")
     else:
