@@ -17,7 +17,9 @@ class DINOv2Features(nn.Module):
     """uint8 images (N, 3, H, W) → DINOv2 CLS token after the final LayerNorm (N, D), as dgm-eval's FD-DINOv2.
 
     Preprocessing: ``/255``, bicubic resize (antialiased) to ``resolution``², ImageNet mean/std normalisation.
-    FD-DINOv2 in the literature uses ViT-L/14 (``facebook/dinov2-large``) at 224 px.
+    dgm-eval resizes PIL images with torchvision's bicubic ``Resize``; torch's antialiased bicubic on tensors used
+    here differs from it by at most ~1 grey level (256 → 224). FD-DINOv2 in the literature uses ViT-L/14
+    (``facebook/dinov2-large``) at 224 px.
     """
 
     def __init__(self, model: PreTrainedModel, resolution: int = 224) -> None:
