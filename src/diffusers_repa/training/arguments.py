@@ -1,0 +1,206 @@
+"""Arguments of REPA training, and how a YAML config file and command-line flags combine into them.
+
+The defaults are the paper's SiT-XL/2 run on ImageNet 256×256 (the original code's defaults): global batch 256,
+AdamW 1e-4 constant, β 0.9/0.999, no weight decay, grad clip 1.0, EMA 0.9999, fp16, TF32, DINOv2-B aligned at
+block 8 with λ = 0.5, linear path, uniform t, label dropout 0.1, 400k steps. Flag names follow diffusers' training
+examples where one exists.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Literal
+
+import yaml
+from transformers import HfArgumentParser
+
+
+def _help(text: str) -> dict[str, str]:
+    return {"help": text}
+
+
+@dataclass
+class REPATrainingArguments:
+    """Everything `REPATrainer` and `training/train_repa.py` need; each field is a `--flag` of the script."""
+
+    # Run, logging, Hub
+    output_dir: str = field(default="sit-repa", metadata=_help("Checkpoints, logs, samples and the final export."))
+    config: str | None = field(
+        default=None, metadata=_help("YAML file of argument values (training/configs/*.yaml); flags override it.")
+    )
+    seed: int = field(default=0, metadata=_help("Seed of weights, data order, noise and label dropout."))
+    quickstart: bool = field(
+        default=False,
+        metadata=_help(
+            "Smoke run: build a synthetic dataset, a tiny RANDOM VAE and a tiny RANDOM encoder locally instead of "
+            "--dataset/--vae/--encoder. Offline and fast; learns nothing useful."
+        ),
+    )
+    report_to: str = field(default="tensorboard", metadata=_help("'tensorboard', 'wandb', 'all' or 'none'."))
+    tracker_project_name: str = field(default="repa", metadata=_help("Project name for the trackers."))
+    logging_dir: str = field(default="logs", metadata=_help("Tracker folder, relative to --output_dir."))
+    logging_steps: int = field(default=100, metadata=_help("Log losses, grad norm, lr and images/s every N steps."))
+    validation_steps: int = field(default=10000, metadata=_help("Sample a grid from the EMA weights every N steps."))
+    num_validation_images: int = field(default=16, metadata=_help("Images in the validation grid."))
+    validation_sampler: Literal["ode", "sde"] = field(default="ode", metadata=_help("Sampler of the validation grid."))
+    validation_inference_steps: int = field(default=50, metadata=_help("Sampling steps of the validation grid."))
+    validation_guidance_scale: float = field(default=4.0, metadata=_help("CFG scale of the validation grid."))
+    checkpointing_steps: int = field(default=50000, metadata=_help("Save a resumable checkpoint every N steps."))
+    checkpoints_total_limit: int | None = field(default=None, metadata=_help("Keep only the newest N checkpoints."))
+    resume_from_checkpoint: str | None = field(
+        default=None, metadata=_help("'latest' (newest checkpoint in --output_dir) or a checkpoint folder.")
+    )
+    push_to_hub: bool = field(default=False, metadata=_help("Upload the final export and its model card."))
+    hub_model_id: str | None = field(default=None, metadata=_help("Hub repo id (default: name of --output_dir)."))
+    hub_private_repo: bool = field(default=False, metadata=_help("Create the Hub repo as private."))
+
+    # Model
+    model: str = field(default="SiT-XL/2", metadata=_help("SiT preset: SiT-{S,B,L,XL}/{2,4,8}."))
+    depth: int | None = field(default=None, metadata=_help("Override the preset's number of blocks."))
+    hidden_size: int | None = field(default=None, metadata=_help("Override the preset's width."))
+    num_attention_heads: int | None = field(default=None, metadata=_help("Override the preset's heads."))
+    encoder_depth: int | None = field(
+        default=None, metadata=_help("Block (1-based) whose output is aligned (default: the preset's, 8 for L/XL).")
+    )
+    projector_dim: int = field(default=2048, metadata=_help("Width of the projector MLPs."))
+    qk_norm: bool = field(default=False, metadata=_help("LayerNorm on queries and keys."))
+    cfg_prob: float = field(default=0.1, metadata=_help("Label dropout probability (done inside the model)."))
+    pretrained_model: str | None = field(
+        default=None,
+        metadata=_help("Fine-tune a trained SiT: a pipeline folder or Hub id (its `transformer` subfolder is used)."),
+    )
+    lora_rank: int = field(
+        default=0, metadata=_help("With --pretrained_model: train rank-r LoRA adapters on the attention/MLP linears.")
+    )
+    lora_alpha: float | None = field(default=None, metadata=_help("LoRA scale numerator (default: --lora_rank)."))
+
+    # REPA
+    encoder: str = field(
+        default="dinov2-vit-b", metadata=_help("Alignment target(s), comma-separated: 'dinov2-vit-b,clip-vit-l'.")
+    )
+    proj_coeff: float = field(default=0.5, metadata=_help("λ, weight of the projection (alignment) loss."))
+    path_type: Literal["linear", "cosine"] = field(default="linear", metadata=_help("Interpolant path."))
+    time_sampling: Literal["uniform", "logit_normal"] = field(default="uniform", metadata=_help("Training t law."))
+    alignment_stop_step: int | None = field(
+        default=None, metadata=_help("Stop the projection loss (and stop running the encoders) after N steps.")
+    )
+    interpolate_targets: bool = field(
+        default=False, metadata=_help("Resize encoder tokens to the SiT token grid when they differ.")
+    )
+
+    # Data
+    dataset: str = field(
+        default="imagenet-1k", metadata=_help("'imagenet-1k', a Hub dataset id, or a local image folder.")
+    )
+    dataset_split: str = field(default="train", metadata=_help("Split of --dataset."))
+    image_column: str = field(default="image", metadata=_help("Image column of --dataset."))
+    label_column: str = field(default="label", metadata=_help("Label column of --dataset."))
+    max_train_samples: int | None = field(default=None, metadata=_help("Use only the first N images."))
+    cache_dir: str | None = field(
+        default=None,
+        metadata=_help(
+            "Latent cache folder (built there on first use, reused after). "
+            "Default: <HF_HOME>/diffusers_repa/latents/<dataset>-<split>-<resolution>."
+        ),
+    )
+    resolution: int = field(default=256, metadata=_help("Image side in pixels."))
+    vae: str = field(default="stabilityai/sd-vae-ft-mse", metadata=_help("AutoencoderKL: Hub id or folder."))
+    hflip: bool = field(default=False, metadata=_help("Random horizontal flips (image and latents together)."))
+    dataloader_num_workers: int = field(default=4, metadata=_help("Data loading worker processes."))
+
+    # Optimisation
+    max_train_steps: int = field(default=400000, metadata=_help("Optimizer steps."))
+    global_batch_size: int = field(
+        default=256, metadata=_help("Images per optimizer step over all processes and accumulation steps.")
+    )
+    train_batch_size: int | None = field(
+        default=None,
+        metadata=_help("Per-device batch; overrides --global_batch_size (default: global / (processes · accum))."),
+    )
+    gradient_accumulation_steps: int = field(default=1, metadata=_help("Micro-batches per optimizer step."))
+    learning_rate: float = field(default=1e-4, metadata=_help("Constant AdamW learning rate."))
+    adam_beta1: float = field(default=0.9, metadata=_help("AdamW β1."))
+    adam_beta2: float = field(default=0.999, metadata=_help("AdamW β2."))
+    adam_weight_decay: float = field(default=0.0, metadata=_help("AdamW weight decay."))
+    adam_epsilon: float = field(default=1e-8, metadata=_help("AdamW ε."))
+    max_grad_norm: float = field(default=1.0, metadata=_help("Clip the global gradient norm to this value."))
+    ema_decay: float = field(default=0.9999, metadata=_help("EMA decay per optimizer step (0: EMA = model)."))
+    mixed_precision: Literal["no", "fp16", "bf16"] = field(default="fp16", metadata=_help("Autocast precision."))
+    allow_tf32: bool = field(default=True, metadata=_help("TF32 matmuls on Ampere+ GPUs."))
+    gradient_checkpointing: bool = field(default=False, metadata=_help("Recompute blocks in backward."))
+    compile: bool = field(default=False, metadata=_help("torch.compile the transformer blocks (regional)."))
+    max_nonfinite_steps: int = field(
+        default=10, metadata=_help("Stop after this many optimizer steps in a row with a NaN/Inf loss (skipped).")
+    )
+
+    def __post_init__(self) -> None:
+        positive = {
+            "logging_steps": self.logging_steps,
+            "validation_steps": self.validation_steps,
+            "checkpointing_steps": self.checkpointing_steps,
+            "max_train_steps": self.max_train_steps,
+            "global_batch_size": self.global_batch_size,
+            "gradient_accumulation_steps": self.gradient_accumulation_steps,
+            "resolution": self.resolution,
+            "max_nonfinite_steps": self.max_nonfinite_steps,
+            "num_validation_images": self.num_validation_images,
+            "validation_inference_steps": self.validation_inference_steps,
+        }
+        optional_positive = {
+            "train_batch_size": self.train_batch_size,
+            "checkpoints_total_limit": self.checkpoints_total_limit,
+            "max_train_samples": self.max_train_samples,
+        }
+        for name, value in {**positive, **{k: v for k, v in optional_positive.items() if v is not None}}.items():
+            if value <= 0:
+                raise ValueError(f"--{name} must be positive, got {value}.")
+        if not 0.0 <= self.cfg_prob < 1.0:
+            raise ValueError(f"--cfg_prob must be in [0, 1), got {self.cfg_prob}.")
+        if self.proj_coeff < 0:
+            raise ValueError(f"--proj_coeff must be >= 0, got {self.proj_coeff}.")
+        if self.lora_rank < 0:
+            raise ValueError(f"--lora_rank must be >= 0, got {self.lora_rank}.")
+        if self.lora_rank and self.pretrained_model is None:
+            raise ValueError(
+                "--lora_rank fine-tunes a trained model: also pass --pretrained_model (folder or Hub id)."
+            )
+
+    @property
+    def use_lora(self) -> bool:
+        return self.lora_rank > 0
+
+    @property
+    def encoder_names(self) -> list[str]:
+        return [name.strip() for name in self.encoder.split(",") if name.strip()]
+
+
+def load_config_file(path: str | os.PathLike) -> dict:
+    """Values of a YAML config file, checked against the fields of `REPATrainingArguments`."""
+    with open(path) as handle:
+        values = yaml.safe_load(handle) or {}
+    if not isinstance(values, dict):
+        raise ValueError(f"{path} must hold a mapping of argument names to values, got {type(values).__name__}.")
+    known = {f.name for f in dataclasses.fields(REPATrainingArguments)}
+    unknown = sorted(set(values) - known - {"config"})
+    if unknown:
+        raise ValueError(f"Unknown argument(s) {unknown} in {path}; valid names are the script's flags without '--'.")
+    return values
+
+
+def parse_training_args(argv: list[str] | None = None) -> REPATrainingArguments:
+    """Parse flags (and `--config file.yaml`, whose values the flags override) into `REPATrainingArguments`."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    config_only = argparse.ArgumentParser(add_help=False)
+    config_only.add_argument("--config")
+    config_path = config_only.parse_known_args(argv)[0].config
+    if config_path is not None:
+        # The file's values go in front as flags, so that argparse converts them like typed flags (YAML reads
+        # `1e-4` as a string) and later command-line flags win. `null` means "keep the default".
+        from_file = [f"--{name}={value}" for name, value in load_config_file(config_path).items() if value is not None]
+        argv = from_file + argv
+    (args,) = HfArgumentParser(REPATrainingArguments).parse_args_into_dataclasses(args=argv)
+    return args

@@ -1,0 +1,85 @@
+"""Training checkpoints: atomic `checkpoint-<step>` folders, rotation, and finding the one to resume from.
+
+A checkpoint is written into `checkpoint-<step>.tmp` and renamed to `checkpoint-<step>` only once every process has
+finished writing, so a run killed mid-write never leaves a folder that looks complete; `latest` ignores `.tmp`
+folders and an interrupted write is cleaned up by the next save of the same step. Old checkpoints are deleted only
+after the new one is in place.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+from accelerate import Accelerator
+
+CHECKPOINT_PREFIX = "checkpoint-"
+_CHECKPOINT_PATTERN = re.compile(rf"^{CHECKPOINT_PREFIX}(\d+)$")
+
+
+def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
+    """Complete checkpoints in `output_dir`, oldest first (folders `checkpoint-<step>`; `.tmp` ones are skipped)."""
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return []
+    found = [(int(m.group(1)), path) for path in output_dir.iterdir() if (m := _CHECKPOINT_PATTERN.match(path.name))]
+    return [path for _, path in sorted(found) if path.is_dir()]
+
+
+def resolve_checkpoint(output_dir: str | os.PathLike, resume_from_checkpoint: str) -> Path | None:
+    """The folder to resume from: `"latest"` → newest complete checkpoint in `output_dir` (None if there is none),
+    otherwise the given path, which must be a complete checkpoint folder."""
+    if resume_from_checkpoint == "latest":
+        checkpoints = list_checkpoints(output_dir)
+        return checkpoints[-1] if checkpoints else None
+    path = Path(resume_from_checkpoint)
+    if path.name.endswith(".tmp"):
+        raise ValueError(
+            f"{path} is an unfinished checkpoint (the run stopped while writing it); resume from another."
+        )
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"--resume_from_checkpoint {path}: no such checkpoint folder. Pass a `checkpoint-<step>` folder or "
+            "'latest' (the newest one in --output_dir)."
+        )
+    return path
+
+
+def save_checkpoint(
+    accelerator: Accelerator,
+    output_dir: str | os.PathLike,
+    step: int,
+    write_extra: Callable[[Path], None],
+    total_limit: int | None = None,
+) -> Path:
+    """Save `accelerator.save_state` plus the trainer's own files atomically as `output_dir/checkpoint-<step>`.
+
+    Call on every process. `write_extra(folder)` runs on every process after `save_state` and writes what accelerate
+    does not know about (EMA weights, step, per-process generator state). With `total_limit`, only the newest
+    `total_limit` checkpoints are kept.
+
+    Returns:
+        The final checkpoint folder.
+    """
+    output_dir = Path(output_dir)
+    final = output_dir / f"{CHECKPOINT_PREFIX}{step}"
+    staging = output_dir / f"{CHECKPOINT_PREFIX}{step}.tmp"
+    if accelerator.is_main_process:
+        shutil.rmtree(staging, ignore_errors=True)  # left over by a run killed while writing this step
+        staging.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(staging))
+    write_extra(staging)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if final.exists():  # the same step saved again after a resume from it
+            shutil.rmtree(final)
+        os.replace(staging, final)
+        if total_limit is not None:
+            for old in list_checkpoints(output_dir)[:-total_limit]:
+                shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+    return final
