@@ -292,7 +292,9 @@ class SiTTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
                 f"got {tuple(timestep.shape)} and {tuple(class_labels.shape)}."
             )
 
-        tokens = self.patch_embed(hidden_states).flatten(2).transpose(1, 2) + self.pos_embed
+        tokens = self.patch_embed(hidden_states).flatten(2).transpose(1, 2)
+        # from_pretrained(dtype=...) casts parameters only: the non-persistent table may still be float32.
+        tokens = tokens + self.pos_embed.to(tokens.dtype)
         time_features = self.time_proj(timestep).to(tokens.dtype)
         conditioning = self.time_embed(time_features) + self.class_embed(class_labels)
         silu_conditioning = F.silu(conditioning)
