@@ -204,6 +204,20 @@ def test_decoding_inverts_the_latent_normalisation(transformer, vae_config, to_v
     torch.testing.assert_close(images, expected)
 
 
+def test_low_precision_model_keeps_a_float64_sampler(saved_pipeline):
+    pipe = SiTPipeline.from_pretrained(saved_pipeline, dtype=torch.bfloat16)
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.transformer.dtype == torch.bfloat16
+    latents = torch.randn(2, 4, 8, 8)
+    kwargs = {"class_labels": [1, 2], "num_inference_steps": 3, "guidance_scale": 1.5, "latents": latents}
+    low_precision = pipe(**kwargs, output_type="latent").images
+    assert low_precision.dtype == torch.float64
+    reference = SiTPipeline.from_pretrained(saved_pipeline)
+    reference.set_progress_bar_config(disable=True)
+    assert relative_error(low_precision, reference(**kwargs, output_type="latent").images) < 0.05
+    assert pipe(**kwargs, output_type="pt").images.dtype == torch.bfloat16
+
+
 def write_hub_cache(cache: Path, repo_id: str, folder: Path) -> None:
     """Lay ``folder`` out as the cached snapshot of a Hub model repo, as an online download leaves it: files under
     snapshots/<commit>/, refs/main, and the repo's file listing in trees/<commit>.json.
