@@ -493,6 +493,12 @@ def test_evaluate_cli_prints_table_and_writes_json(tmp_path, monkeypatch, capsys
     assert written["fid"] == pytest.approx(expected["fid"], rel=1e-5)
     assert written["samples"] == str(tmp_path / "s.npz")
 
+    evaluate_script.main(["--make_reference", str(tmp_path / "r.npz"), "--reference", str(tmp_path / "made.npz")])
+    with np.load(tmp_path / "made.npz") as made:
+        assert {"mu", "sigma", "mu_s", "sigma_s", "arr_0"} <= set(made.files) and len(made["arr_0"]) == 20
+    with pytest.raises(SystemExit):
+        evaluate_script.main(["--reference", str(tmp_path / "r.npz")])
+
 
 def test_evaluate_metric_module_loads_offline_and_matches_library():
     import evaluate
@@ -544,3 +550,15 @@ def test_fd_dinov2_with_tiny_local_model(tmp_path):
     )
     expected = numpy_frechet(fake.mean(0), np.cov(fake, rowvar=False), real.mean(0), np.cov(real, rowvar=False))
     assert metrics["fd_dinov2"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_fd_dinov2_needs_reference_images_or_statistics(tmp_path):
+    np.savez(tmp_path / "stats_only.npz", mu=np.zeros(6), sigma=np.eye(6), mu_s=np.zeros(5), sigma_s=np.eye(5))
+    with pytest.raises(ValueError, match="FD-DINOv2 needs"):
+        evaluate_samples(
+            random_images(0, 4),
+            tmp_path / "stats_only.npz",
+            inception=TinyInception(),
+            dinov2=nn.Identity(),
+            show_progress=False,
+        )

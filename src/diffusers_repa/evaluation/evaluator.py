@@ -141,6 +141,8 @@ def evaluate_samples(
     reference = open_image_set(reference_npz) if "arr_0" in reference_keys else None
     if reference is None and not {"mu", "sigma", "mu_s", "sigma_s"} <= reference_keys:
         raise ValueError(f"{reference_npz} has neither images (arr_0) nor the statistics mu, sigma, mu_s, sigma_s.")
+    if dinov2 is not None and reference is None and not {"mu_dinov2", "sigma_dinov2"} <= reference_keys:
+        raise ValueError(f"FD-DINOv2 needs images (arr_0) or mu_dinov2/sigma_dinov2 in {reference_npz}.")
 
     sample_run = _run_inception(
         samples, inception, keep_pool=True, keep_logits=True, desc="samples: Inception", **run_kwargs
@@ -169,10 +171,8 @@ def evaluate_samples(
         if {"mu_dinov2", "sigma_dinov2"} <= reference_keys:
             with np.load(reference_npz) as stored:
                 reference_dinov2 = (stored["mu_dinov2"], stored["sigma_dinov2"])
-        elif reference is not None:
-            reference_dinov2 = _dinov2_statistics(reference, dinov2, desc="reference: DINOv2", **run_kwargs)
         else:
-            raise ValueError(f"FD-DINOv2 needs images or mu_dinov2/sigma_dinov2 in {reference_npz}.")
+            reference_dinov2 = _dinov2_statistics(reference, dinov2, desc="reference: DINOv2", **run_kwargs)
         results["fd_dinov2"] = frechet_distance(*sample_dinov2, *reference_dinov2)
     results["num_samples"] = len(samples)
     results["num_reference_images"] = len(reference) if reference is not None else 0
