@@ -1,3 +1,43 @@
-"""diffusers-repa: REPA (Representation Alignment for Generation) on Hugging Face diffusers."""
+"""diffusers-repa: REPA (Representation Alignment for Generation) on Hugging Face diffusers.
+
+Public names are imported lazily, so ``import diffusers_repa`` stays cheap and diffusers can resolve
+``["diffusers_repa", "SiTTransformer2DModel"]`` entries of a ``model_index.json``.
+"""
+
+import importlib
 
 __version__ = "0.1.0"
+
+_LAZY_EXPORTS = {
+    "models": ["SIT_PRESETS", "SiTTransformer2DModel", "SiTTransformer2DModelOutput"],
+    "schedulers": ["SiTODEScheduler", "SiTODESchedulerOutput", "SiTSDEScheduler", "SiTSDESchedulerOutput"],
+    "pipelines": ["SiTLoraLoaderMixin", "SiTPipeline", "imagenet_id2label"],
+    "conversion": ["convert_repa_checkpoint", "export_to_repa_state_dict"],
+    "losses": ["REPALossOutput", "projection_loss", "repa_loss"],
+    "encoders": [
+        "ENCODER_ALIASES",
+        "FrozenVisionEncoder",
+        "check_token_grid",
+        "interpolate_tokens",
+        "load_encoder",
+        "load_encoders",
+        "save_tiny_random_encoder",
+    ],
+    "data": ["build_latent_cache", "center_crop_imagenet", "load_latent_cache", "make_train_dataloader"],
+    "training": ["REPATrainer", "REPATrainingArguments"],
+    "evaluation": ["cka", "cknna", "evaluate_samples", "frechet_distance"],
+}
+_NAME_TO_MODULE = {name: module for module, names in _LAZY_EXPORTS.items() for name in names}
+__all__ = sorted(_NAME_TO_MODULE)
+
+
+def __getattr__(name: str):
+    if name not in _NAME_TO_MODULE:
+        raise AttributeError(f"module 'diffusers_repa' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_NAME_TO_MODULE[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(list(globals()) + __all__)
