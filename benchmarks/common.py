@@ -59,6 +59,24 @@ def add_run_arguments(parser: argparse.ArgumentParser, output_files: str) -> Non
     parser.add_argument("--output", help=f"Folder for {output_files}.")
 
 
+MODEL_OVERRIDES = ("depth", "hidden_size", "num_attention_heads", "encoder_depth")
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """The SiT preset, size overrides (small test models) and image resolution."""
+    parser.add_argument("--preset", default="SiT-XL/2", help="SiT preset: SiT-{S,B,L,XL}/{2,4,8}.")
+    parser.add_argument("--depth", type=int, help="Override the preset's number of blocks.")
+    parser.add_argument("--hidden_size", type=int, help="Override the preset's width.")
+    parser.add_argument("--num_attention_heads", type=int, help="Override the preset's heads.")
+    parser.add_argument("--encoder_depth", type=int, help="Override the block whose output is projected.")
+    parser.add_argument("--resolution", type=int, default=256, help="Image side in pixels (latent side = /8).")
+
+
+def model_overrides(args: argparse.Namespace) -> dict[str, int]:
+    """The preset sizes overridden on the command line."""
+    return {name: getattr(args, name) for name in MODEL_OVERRIDES if getattr(args, name) is not None}
+
+
 def setup_run(args: argparse.Namespace) -> torch.device:
     """Apply `--num_threads` and return the `--device` to run on."""
     if args.num_threads is not None:
@@ -163,6 +181,12 @@ def check_finite_positive(record: dict[str, Any], keys: Sequence[str]) -> None:
         value = record[key]
         if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
             raise RuntimeError(f"Benchmark produced an invalid {key}: {value!r}.")
+
+
+def model_label(preset: str, overrides: dict[str, int]) -> str:
+    """`SiT-XL/2`, or `SiT-S/2 (depth=2, hidden_size=64)` when the preset's sizes were overridden."""
+    changes = ", ".join(f"{key}={value}" for key, value in overrides.items())
+    return f"{preset} ({changes})" if changes else preset
 
 
 def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str]]) -> str:

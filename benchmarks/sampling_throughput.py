@@ -26,11 +26,14 @@ from diffusers import AutoencoderKL
 
 from benchmarks.common import (
     PRECISIONS,
+    add_model_arguments,
     add_run_arguments,
     check_finite_positive,
     environment,
     markdown_table,
     median,
+    model_label,
+    model_overrides,
     peak_memory,
     reset_peak_memory,
     setup_run,
@@ -73,7 +76,8 @@ def load_vae(name: str, device: torch.device) -> tuple[AutoencoderKL | None, str
         return AutoencoderKL.from_pretrained(name).to(device), name
     except (OSError, ValueError) as error:
         logger.warning("VAE %s is not available (%s); using a random VAE with SD-VAE's architecture.", name, error)
-        return AutoencoderKL(**SD_VAE_CONFIG).to(device), "random (SD-VAE architecture)"
+        with device:
+            return AutoencoderKL(**SD_VAE_CONFIG).to(device), "random (SD-VAE architecture)"
 
 
 def build_pipeline(args: argparse.Namespace, device: torch.device) -> tuple[SiTPipeline, str]:
@@ -87,18 +91,15 @@ def build_pipeline(args: argparse.Namespace, device: torch.device) -> tuple[SiTP
     else:
         vae, vae_label = load_vae(args.vae, device)
         torch.manual_seed(args.seed)
-        transformer = SiTTransformer2DModel.from_preset(
-            args.preset, sample_size=args.resolution // 8, projection_dims=(), **_overrides(args)
-        )
+        with device:
+            transformer = SiTTransformer2DModel.from_preset(
+                args.preset, sample_size=args.resolution // 8, projection_dims=(), **model_overrides(args)
+            )
         pipeline = SiTPipeline(transformer=transformer, vae=vae, scheduler=scheduler)
-        label = f"random {args.preset}, VAE {vae_label}"
+        label = f"random {model_label(args.preset, model_overrides(args))}, VAE {vae_label}"
     pipeline.to(device)
     pipeline.set_progress_bar_config(disable=True)
     return pipeline, label
-
-
-def _overrides(args: argparse.Namespace) -> dict[str, int]:
-    return {k: getattr(args, k) for k in ("depth", "hidden_size", "num_attention_heads") if getattr(args, k)}
 
 
 class _ImageCounter:
@@ -215,11 +216,7 @@ def _markdown(result: dict[str, Any]) -> str:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--pipeline", help="A saved SiTPipeline (folder or Hub id) instead of a random preset.")
-    parser.add_argument("--preset", default="SiT-XL/2", help="SiT preset of the random transformer.")
-    parser.add_argument("--depth", type=int, help="Override the preset's number of blocks (small test models).")
-    parser.add_argument("--hidden_size", type=int, help="Override the preset's width.")
-    parser.add_argument("--num_attention_heads", type=int, help="Override the preset's heads.")
-    parser.add_argument("--resolution", type=int, default=256, help="Image side in pixels (latent side = /8).")
+    add_model_arguments(parser)
     parser.add_argument("--vae", default="stabilityai/sd-vae-ft-ema", help="AutoencoderKL id/folder, or 'none'.")
     parser.add_argument("--sampler", choices=SAMPLERS, default="sde")
     parser.add_argument("--steps", type=int, default=250, help="Scheduler steps.")

@@ -37,11 +37,14 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from benchmarks.common import (
     PRECISIONS,
+    add_model_arguments,
     add_run_arguments,
     check_finite_positive,
     environment,
     markdown_table,
     median,
+    model_label,
+    model_overrides,
     peak_memory,
     peak_tflops,
     reset_peak_memory,
@@ -67,13 +70,12 @@ VAE_DOWNSAMPLING = 8  # SD-VAE: 256 px → 32×32 latents
 LATENT_CHANNELS = 4
 SD_VAE_SCALING_FACTOR = 0.18215
 
-SDPA_CHOICES = ("default", "math", "flash")
+SDPA_CHOICES = ("default", "math", "flash", "cudnn")
 # Fused kernels, flash first; the memory-efficient kernel takes shapes flash does not (e.g. fp32 on CUDA).
 _FUSED_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
 # Layer / head counts of the DINOv2 ViTs by width, for a same-shape random stand-in when the real one is not cached.
 _DINOV2_SHAPES = {384: (12, 6), 768: (12, 12), 1024: (24, 16)}
 _FAMILIES_WITHOUT_CLS = ("siglip", "jepa")
-MODEL_OVERRIDES = ("depth", "hidden_size", "num_attention_heads", "encoder_depth")
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -125,7 +127,8 @@ class StepOptions:
 
     Attributes:
         precision: autocast dtype of the SiT forward and loss (`fp32` = no autocast).
-        sdpa: attention kernels: `default` (torch's choice), `math` (reference kernel), `flash` (fused kernels only).
+        sdpa: attention kernels: `default` (torch's choice), `math` (reference kernel), `flash` (flash, else
+            memory-efficient), `cudnn` (cuDNN attention, CUDA only).
         compile: regional `torch.compile` of the transformer blocks (`compile_repeated_blocks`).
         fused_adamw: `AdamW(fused=True)` instead of torch's default implementation.
         foreach_ema: the library's `EMA` (one `_foreach_lerp_`) instead of a per-parameter loop.
@@ -179,6 +182,8 @@ def _sdpa_context(choice: str) -> contextlib.AbstractContextManager:
         return sdpa_kernel(SDPBackend.MATH)
     if choice == "flash":
         return sdpa_kernel(_FUSED_SDPA_BACKENDS, set_priority=True)
+    if choice == "cudnn":
+        return sdpa_kernel(SDPBackend.CUDNN_ATTENTION)
     return contextlib.nullcontext()
 
 
@@ -224,7 +229,7 @@ class TrainingStepBenchmark:
         resolution: int,
         device: torch.device,
         encoder: FrozenVisionEncoder,
-        model_overrides: dict[str, int] | None = None,
+        size_overrides: dict[str, int] | None = None,
         seed: int = 0,
     ):
         if batch_size < 1:
@@ -234,9 +239,10 @@ class TrainingStepBenchmark:
         torch.manual_seed(seed)
         self.device, self.batch_size = device, batch_size
         latent_side = resolution // VAE_DOWNSAMPLING
-        self.model = SiTTransformer2DModel.from_preset(
-            preset, sample_size=latent_side, projection_dims=(encoder.embed_dim,), **(model_overrides or {})
-        ).to(device)
+        with device:  # initialise on the GPU directly: XL takes half a minute to initialise on a few CPU cores
+            self.model = SiTTransformer2DModel.from_preset(
+                preset, sample_size=latent_side, projection_dims=(encoder.embed_dim,), **(size_overrides or {})
+            ).to(device)
         self.model.train()
         check_token_grid(encoder, self.model.num_tokens)
         self.encoders = {"fp32": encoder}
@@ -358,7 +364,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     """Measure what `args` asks for and return the JSON-able result (also written to `args.output`)."""
     device = setup_run(args)
     encoder, encoder_label = load_benchmark_encoder(args.encoder, args.resolution, device)
-    overrides = {k: getattr(args, k) for k in MODEL_OVERRIDES if getattr(args, k) is not None}
+    overrides = model_overrides(args)
     bench = TrainingStepBenchmark(args.preset, args.batch_size, args.resolution, device, encoder, overrides, args.seed)
     sit_flops = sit_forward_flops(bench.model.config, with_projections=True)
     flops_per_image = 3 * sit_flops + encoder_forward_flops(encoder)
@@ -367,6 +373,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "benchmark": "train_throughput",
         **environment(device),
         "preset": args.preset,
+        "model": model_label(args.preset, overrides),
         "model_overrides": overrides,
         "parameters": sum(p.numel() for p in bench.params),
         "batch_size": args.batch_size,
@@ -440,7 +447,7 @@ def _ablate(bench: TrainingStepBenchmark, args: argparse.Namespace, flops_per_im
 
 _ROW_COLUMNS = (
     ("device", "device"),
-    ("preset", "model"),
+    ("model", "model"),
     ("batch_size", "batch"),
     ("precision", "precision"),
     ("compile", "compile"),
@@ -471,7 +478,7 @@ def _ablation_markdown(result: dict[str, Any]) -> str:
     )
     measured = [r for r in result["ablation"] if not r.get("skipped")]
     header = (
-        f"{result['preset']} batch {result['batch_size']} on {result['device']} "
+        f"{result['model']} batch {result['batch_size']} on {result['device']} "
         f"(encoder {result['encoder']}, median of {result['repeats']}×{result['iterations']} steps)"
     )
     skipped = [r["step"] for r in result["ablation"] if r.get("skipped")]
@@ -481,13 +488,8 @@ def _ablation_markdown(result: dict[str, Any]) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--preset", default="SiT-XL/2", help="SiT preset: SiT-{S,B,L,XL}/{2,4,8}.")
-    parser.add_argument("--depth", type=int, help="Override the preset's number of blocks (small test models).")
-    parser.add_argument("--hidden_size", type=int, help="Override the preset's width.")
-    parser.add_argument("--num_attention_heads", type=int, help="Override the preset's heads.")
-    parser.add_argument("--encoder_depth", type=int, help="Override the block whose output is projected.")
+    add_model_arguments(parser)
     parser.add_argument("--batch_size", type=int, default=32, help="Images per step (per device).")
-    parser.add_argument("--resolution", type=int, default=256, help="Image side in pixels (latent side = /8).")
     parser.add_argument(
         "--encoder",
         default="dinov2-vit-b",
