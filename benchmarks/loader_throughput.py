@@ -1,12 +1,15 @@
 """Training-loader throughput (samples/s) over a latent cache, for several worker counts.
 
-    python benchmarks/loader_throughput.py --cache data/imagenet256 --batch_size 256 --num_workers 0 4 8
-    python benchmarks/loader_throughput.py --output benchmarks/results   # builds a synthetic cache first
+Run from the repository root:
+
+    python -m benchmarks.loader_throughput --cache data/imagenet256 --batch_size 256 --num_workers 0 4 8
+    python -m benchmarks.loader_throughput --output benchmarks/results   # builds a synthetic cache first
 
 Without --cache, a synthetic cache of --num_samples images is built once in --work_dir with a tiny random VAE
 that downsamples x8 like the SD-VAE (so shapes match a real cache at that resolution: 4x32x32 latents at 256 px);
 the loader's cost depends only on those shapes. Each configuration is timed after warm-up batches (worker start-up
 stays out), over --repeats blocks of --num_batches batches, cycling epochs as needed; the median block is reported.
+On a CUDA --device the loader pins memory and each timed step includes the copy of the batch to the GPU.
 Prints a Markdown table and, with --output, writes loader_throughput.json / .md there.
 """
 
@@ -21,7 +24,16 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKL
 
-from common import check_finite_positive, environment, markdown_table, median, time_blocks, write_report
+from benchmarks.common import (
+    add_run_arguments,
+    check_finite_positive,
+    environment,
+    markdown_table,
+    median,
+    setup_run,
+    time_blocks,
+    write_report,
+)
 from diffusers_repa.data import build_latent_cache, load_latent_cache, make_train_dataloader, synthetic_class_dataset
 
 
@@ -42,16 +54,17 @@ def build_synthetic_cache(work_dir: Path, num_samples: int, resolution: int) -> 
     return build_latent_cache(source, output, vae, resolution, max_samples=num_samples, batch_size=32)
 
 
-def measure(dataset, batch_size: int, num_workers: int, hflip: bool, args: argparse.Namespace) -> dict:
-    loader = make_train_dataloader(dataset, batch_size, num_workers=num_workers, hflip=hflip, seed=0)
-    batches = itertools.chain.from_iterable(iter(loader) for _ in itertools.count())
-    seconds = time_blocks(
-        lambda: next(batches),
-        torch.device("cpu"),
-        warmup=args.warmup,
-        iterations=args.num_batches,
-        repeats=args.repeats,
+def measure(dataset, num_workers: int, device: torch.device, args: argparse.Namespace) -> dict:
+    batch_size, hflip = args.batch_size, args.hflip
+    loader = make_train_dataloader(
+        dataset, batch_size, num_workers=num_workers, hflip=hflip, seed=args.seed, pin_memory=device.type == "cuda"
     )
+    batches = itertools.chain.from_iterable(iter(loader) for _ in itertools.count())
+
+    def step() -> dict[str, torch.Tensor]:
+        return {name: value.to(device, non_blocking=True) for name, value in next(batches).items()}
+
+    seconds = time_blocks(step, device, warmup=args.warmup, iterations=args.num_batches, repeats=args.repeats)
     seconds_per_batch = median(seconds)
     return {
         "num_workers": num_workers,
@@ -74,8 +87,9 @@ def main() -> None:
     parser.add_argument("--num_batches", type=int, default=10, help="Batches per timed block.")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--output", default=None, help="Folder for loader_throughput.json / .md.")
+    add_run_arguments(parser, "loader_throughput.json/.md")
     args = parser.parse_args()
+    device = setup_run(args)
 
     with tempfile.TemporaryDirectory() as temp_dir:
         cache = args.cache or build_synthetic_cache(Path(args.work_dir or temp_dir), args.num_samples, args.resolution)
@@ -84,13 +98,13 @@ def main() -> None:
         latent_shape = list(dataset.features["latent_mean"].shape)
         rows = []
         for num_workers in args.num_workers:
-            row = measure(dataset, args.batch_size, num_workers, args.hflip, args)
+            row = measure(dataset, num_workers, device, args)
             check_finite_positive(row, ["samples_per_s"])
             rows.append({**row, "image_shape": "x".join(map(str, image_shape)), "cache_rows": len(dataset)})
 
     result = {
         "benchmark": "loader_throughput",
-        "environment": environment(torch.device("cpu")),
+        "environment": environment(device),
         "cache": str(args.cache) if args.cache else f"synthetic ({args.num_samples} samples)",
         "image_shape": image_shape,
         "latent_shape": latent_shape,

@@ -3,7 +3,10 @@
 import dataclasses
 import importlib.util
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -297,9 +300,13 @@ class _FakeProcessState:
         pass
 
 
+def _build_as_process(monkeypatch, rank: int, *args, **kwargs) -> Path:
+    monkeypatch.setattr(latent_cache_module, "PartialState", lambda cpu: _FakeProcessState(rank, 2))
+    return build_latent_cache(*args, **kwargs)
+
+
 def test_processes_encode_disjoint_shards(tmp_path, image_folder, vae_dir, cache_32, monkeypatch):
-    settings = _SMALL_BUILD
-    shared = tmp_path / "two_processes"
+    build = (image_folder, tmp_path / "two_processes", vae_dir, 32)
     written = []
     encode_shard = latent_cache_module._ShardEncoder.encode_shard
 
@@ -308,18 +315,62 @@ def test_processes_encode_disjoint_shards(tmp_path, image_folder, vae_dir, cache
         encode_shard(self, job)
 
     monkeypatch.setattr(latent_cache_module._ShardEncoder, "encode_shard", record)
-    monkeypatch.setattr(latent_cache_module, "PartialState", lambda: _FakeProcessState(0, 2))
     with pytest.raises(RuntimeError, match="not finished"):  # process 1 has not written its shards yet
-        build_latent_cache(image_folder, shared, vae_dir, 32, **settings)
+        _build_as_process(monkeypatch, 0, *build, **_SMALL_BUILD)
     assert written == ["train-00000-of-00005", "train-00002-of-00005", "train-00004-of-00005"]
-    monkeypatch.setattr(latent_cache_module, "PartialState", lambda: _FakeProcessState(1, 2))
-    build_latent_cache(image_folder, shared, vae_dir, 32, **settings)
+    _build_as_process(monkeypatch, 1, *build, **_SMALL_BUILD)
     assert written[3:] == ["train-00001-of-00005", "train-00003-of-00005"]
-    assert not (shared / CACHE_INFO_FILE).exists()  # only the main process finalizes
-    monkeypatch.setattr(latent_cache_module, "PartialState", lambda: _FakeProcessState(0, 2))
-    build_latent_cache(image_folder, shared, vae_dir, 32, **settings)
+    assert not (build[1] / CACHE_INFO_FILE).exists()  # only the main process finalizes
+    _build_as_process(monkeypatch, 0, *build, **_SMALL_BUILD)
     assert len(written) == 5  # nothing re-encoded
-    _assert_same_cache(cache_32, shared)
+    _assert_same_cache(cache_32, build[1])
+
+
+def test_streaming_processes_split_the_stream(tmp_path, image_folder, vae_dir, cache_32, monkeypatch):
+    build = (image_folder, tmp_path / "stream_two_processes", vae_dir, 32)
+    with pytest.raises(RuntimeError, match="did not finish"):  # process 1 has not read its part of the stream
+        _build_as_process(monkeypatch, 0, *build, streaming=True, **_SMALL_BUILD)
+    _build_as_process(monkeypatch, 1, *build, streaming=True, **_SMALL_BUILD)
+    _build_as_process(monkeypatch, 0, *build, streaming=True, **_SMALL_BUILD)
+    shards = read_cache_info(build[1]).shards
+    assert {Path(shard).name[:15] for shard in shards} == {"train-p000of002", "train-p001of002"}
+    # Same rows, grouped by process: match them to the single-process cache through the images.
+    streamed, reference = _cache_arrays(build[1]), _cache_arrays(cache_32)
+    order = [
+        next(i for i, image in enumerate(reference["image"]) if np.array_equal(image, row))
+        for row in streamed["image"]
+    ]
+    assert sorted(order) == list(range(len(reference["image"])))
+    for name in reference:
+        np.testing.assert_array_equal(streamed[name], reference[name][order], err_msg=name)
+    monkeypatch.undo()  # back to one real process: resuming a stream needs the same process count
+    with pytest.raises(ValueError, match="other settings.*streaming_processes"):
+        build_latent_cache(*build, streaming=True, **_SMALL_BUILD)
+
+
+@pytest.mark.slow
+def test_prepare_dataset_cli_with_two_real_processes(tmp_path, image_folder, vae_dir):
+    """torchrun with two CPU processes (a gloo group, as `accelerate launch --cpu` makes) writes the same cache."""
+    output = tmp_path / "torchrun"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531"]
+    command += [
+        str(REPO_ROOT / "training" / "prepare_dataset.py"),
+        "--dataset",
+        str(image_folder),
+        "--vae",
+        str(vae_dir),
+    ]
+    command += ["--output_dir", str(output), "--shard_size", "2", "--batch_size", "2", "--num_workers", "0"]
+    environment = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    subprocess.run(command, check=True, env=environment, cwd=REPO_ROOT, capture_output=True)
+    single = build_latent_cache(image_folder, tmp_path / "single", vae_dir, 256, **_SMALL_BUILD)
+    shards = read_cache_info(output).shards
+    assert len(shards) == 5 and read_cache_info(output) == read_cache_info(single)
+    got, expected = _cache_arrays(output), _cache_arrays(single)
+    np.testing.assert_array_equal(got["image"], expected["image"])
+    np.testing.assert_array_equal(got["label"], expected["label"])
+    # One thread per process changes float32 summation order in the VAE.
+    np.testing.assert_allclose(got["latent_mean"], expected["latent_mean"], rtol=1e-4, atol=1e-4)
 
 
 def test_streaming_build_matches_map_style(tmp_path, image_folder, vae_dir, cache_32):

@@ -3,14 +3,17 @@
 Layout of a cache directory::
 
     cache_info.json          LatentCacheInfo (VAE id, resolution, scaling factor, classes, shard list, ...)
-    skipped_images.json      unreadable / truncated source images: [{"shard", "index", "path", "error"}, ...]
+    skipped_images.json      unreadable / truncated source images: [{"shard", "index", "path", "error"}, ...];
+                             index is the source row (when streaming: the row within the process's stream)
     README.md                dataset card, so the folder can be pushed to the Hub as a dataset
     data/<split>-*.arrow     shards; columns image uint8 (3,R,R), latent_mean / latent_std float32 (C,h,w), label
     .build/                  resume bookkeeping (build settings, one record per finished shard); not published
 
 Each shard covers a fixed range of source rows, so a killed job resumes by skipping the shards whose ``.arrow``
 file exists (written to a temporary file, then renamed). With ``accelerate launch`` every process encodes its
-own subset of shards (shard ``g`` goes to process ``g % num_processes``).
+own subset of shards (shard ``g`` goes to process ``g % num_processes``; any process count can resume). A streamed
+source is split between processes with ``datasets.distributed.split_dataset_by_node`` and each process numbers its
+own shards, so a streamed job resumes with the same number of processes.
 """
 
 from __future__ import annotations
@@ -30,7 +33,9 @@ import datasets
 import numpy as np
 import torch
 from accelerate import PartialState
+from accelerate.utils import parse_flag_from_env
 from datasets.arrow_writer import ArrowWriter
+from datasets.distributed import split_dataset_by_node
 from diffusers import AutoencoderKL
 from huggingface_hub import DatasetCard, DatasetCardData, create_repo, snapshot_download, upload_folder
 from tqdm.auto import tqdm
@@ -322,6 +327,70 @@ def _stream_prefix(split: str, process_index: int, num_processes: int) -> str:
     return f"{split}-p{process_index:03d}of{num_processes:03d}"
 
 
+def _map_style_jobs(
+    dataset: datasets.Dataset, split: str, shard_size: int, output_dir: Path, state: PartialState
+) -> tuple[Iterator[_ShardJob], int]:
+    """This process's unfinished shards (``g % num_processes == process_index``) and their number of rows."""
+    names = _map_style_shard_names(split, len(dataset), shard_size)
+    todo = [
+        index
+        for index in range(state.process_index, len(names), state.num_processes)
+        if not _shard_done(output_dir, names[index])
+    ]
+    total = sum(min(shard_size, len(dataset) - index * shard_size) for index in todo)
+    jobs = (
+        _ShardJob(names[index], index * shard_size, dataset[index * shard_size : (index + 1) * shard_size])
+        for index in todo
+    )
+    return jobs, total
+
+
+def _stream_jobs(
+    dataset: datasets.IterableDataset,
+    split: str,
+    shard_size: int,
+    output_dir: Path,
+    state: PartialState,
+    max_samples: int | None,
+) -> tuple[Iterator[_ShardJob], int | None]:
+    """Shards of this process's part of the stream, after the ones already finished; rows left if known.
+
+    A marker file records that the part was read to its end (the number of shards is unknown before).
+    """
+    prefix = _stream_prefix(split, state.process_index, state.num_processes)
+    done_marker = output_dir / _BUILD_DIR / f"{prefix}.done"
+    finished = 0
+    while _shard_done(output_dir, f"{prefix}-{finished:05d}"):
+        finished += 1
+    split_info = (dataset.info.splits or {}).get(split) if dataset.info is not None else None
+    known_rows = max_samples or (split_info.num_examples if split_info is not None else None)
+    total = None
+    if known_rows and not done_marker.exists():
+        total = max(0, math.ceil(known_rows / state.num_processes) - finished * shard_size)
+    stream = dataset
+    if state.num_processes > 1:
+        stream = split_dataset_by_node(stream, state.process_index, state.num_processes)
+
+    def jobs() -> Iterator[_ShardJob]:
+        if done_marker.exists():
+            return
+        shard_index = finished
+        for rows in stream.skip(finished * shard_size).iter(batch_size=shard_size):
+            yield _ShardJob(f"{prefix}-{shard_index:05d}", shard_index * shard_size, rows)
+            shard_index += 1
+        _atomic_write_text(done_marker, json.dumps({"num_shards": shard_index}) + "\n")
+
+    return jobs(), total
+
+
+def _finished_stream_shard_names(output_dir: Path, split: str, num_processes: int) -> list[str]:
+    prefixes = [_stream_prefix(split, rank, num_processes) for rank in range(num_processes)]
+    unfinished = [prefix for prefix in prefixes if not (output_dir / _BUILD_DIR / f"{prefix}.done").exists()]
+    if unfinished:
+        raise RuntimeError(f"Streams {unfinished} did not finish; rerun with the same number of processes.")
+    return sorted(path.stem for prefix in prefixes for path in (output_dir / DATA_DIR).glob(f"{prefix}-*.arrow"))
+
+
 def _check_build_settings(output_dir: Path, settings: dict[str, Any], state: PartialState) -> None:
     """Records the settings on the first run; a resumed run must use the same ones."""
     settings_file = output_dir / _BUILD_DIR / _SETTINGS_FILE
@@ -451,7 +520,8 @@ def build_latent_cache(
         raise ValueError(f"batch_size must be positive and num_workers >= 0 (got {batch_size}, {num_workers}).")
     if shard_size is not None and num_shards is not None:
         raise ValueError("Pass either shard_size or num_shards, not both.")
-    state = PartialState()
+    # Like Accelerator: `accelerate launch --cpu` (ACCELERATE_USE_CPU) makes several CPU processes one gloo group.
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
     source_name = _describe_location(source) if isinstance(source, (str, os.PathLike)) else None
     dataset = load_image_source(source, split, image_column, label_column, streaming, max_samples=max_samples)
     is_map_style = isinstance(dataset, datasets.Dataset)
@@ -494,40 +564,9 @@ def build_latent_cache(
     _check_build_settings(output_dir, settings, state)
 
     if is_map_style:
-        all_names = _map_style_shard_names(split, len(dataset), shard_size)
-        mine = [index for index in range(len(all_names)) if index % state.num_processes == state.process_index]
-        todo = [index for index in mine if not _shard_done(output_dir, all_names[index])]
-        total = sum(min(shard_size, len(dataset) - index * shard_size) for index in todo)
-
-        def jobs() -> Iterator[_ShardJob]:
-            for index in todo:
-                start = index * shard_size
-                yield _ShardJob(all_names[index], start, dataset[start : start + shard_size])
-
+        jobs, total = _map_style_jobs(dataset, split, shard_size, output_dir, state)
     else:
-        prefix = _stream_prefix(split, state.process_index, state.num_processes)
-        done_marker = output_dir / _BUILD_DIR / f"{prefix}.done"
-        finished = 0
-        while _shard_done(output_dir, f"{prefix}-{finished:05d}"):
-            finished += 1
-        stream = dataset
-        if state.num_processes > 1:
-            stream = datasets.distributed.split_dataset_by_node(stream, state.process_index, state.num_processes)
-        split_info = (dataset.info.splits or {}).get(split) if dataset.info is not None else None
-        known_rows = max_samples or (split_info.num_examples if split_info is not None else None)
-        total = None
-        if known_rows:
-            total = max(0, math.ceil(known_rows / state.num_processes) - finished * shard_size)
-
-        def jobs() -> Iterator[_ShardJob]:
-            if done_marker.exists():
-                return
-            shard_index = finished
-            for rows in stream.skip(finished * shard_size).iter(batch_size=shard_size):
-                yield _ShardJob(f"{prefix}-{shard_index:05d}", shard_index * shard_size, rows)
-                shard_index += 1
-            _atomic_write_text(done_marker, json.dumps({"num_shards": shard_index}) + "\n")
-
+        jobs, total = _stream_jobs(dataset, split, shard_size, output_dir, state, max_samples)
     progress = tqdm(
         total=total,
         unit="img",
@@ -547,7 +586,7 @@ def build_latent_cache(
             executor,
             progress,
         )
-        for job in jobs():
+        for job in jobs:
             encoder.encode_shard(job)
     finally:
         progress.close()
@@ -557,13 +596,9 @@ def build_latent_cache(
 
     if state.is_main_process:
         if is_map_style:
-            shard_names = all_names
+            shard_names = _map_style_shard_names(split, len(dataset), shard_size)
         else:
-            prefixes = [_stream_prefix(split, rank, state.num_processes) for rank in range(state.num_processes)]
-            unfinished = [p for p in prefixes if not (output_dir / _BUILD_DIR / f"{p}.done").exists()]
-            if unfinished:
-                raise RuntimeError(f"Streams {unfinished} did not finish; rerun with the same number of processes.")
-            shard_names = sorted(path.stem for p in prefixes for path in (output_dir / DATA_DIR).glob(f"{p}-*.arrow"))
+            shard_names = _finished_stream_shard_names(output_dir, split, state.num_processes)
         base_info = {
             "vae": vae_id,
             "resolution": resolution,
