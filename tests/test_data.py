@@ -429,6 +429,20 @@ def test_load_latent_cache_from_hub_snapshot(tmp_path, cache_32):
         load_latent_cache(tmp_path / "missing" / "cache")
 
 
+def test_mixed_precision_encoding_stays_close_to_float32(tmp_path, vae_dir):
+    source = synthetic_class_dataset(num_classes=2, samples_per_class=2, resolution=32)
+    with pytest.raises(ValueError, match="mixed_precision must be one of"):
+        build_latent_cache(source, tmp_path / "fp8", vae_dir, 32, mixed_precision="fp8")
+    cache = build_latent_cache(source, tmp_path / "bf16", vae_dir, 32, mixed_precision="bf16", show_progress=False)
+    arrays = _cache_arrays(cache)
+    assert arrays["latent_mean"].dtype == np.float32
+    with torch.no_grad():
+        posterior = AutoencoderKL.from_pretrained(vae_dir).encode(torch.from_numpy(arrays["image"]) / 127.5 - 1)
+    float32_mean = posterior.latent_dist.mean.numpy()
+    assert not np.array_equal(arrays["latent_mean"], float32_mean)  # the encoder did run in bfloat16
+    np.testing.assert_allclose(arrays["latent_mean"], float32_mean, atol=0.2)  # bfloat16 keeps ~3 digits
+
+
 def test_prepare_dataset_cli(tmp_path, image_folder, vae_dir, monkeypatch, capsys):
     spec = importlib.util.spec_from_file_location("prepare_dataset", REPO_ROOT / "training" / "prepare_dataset.py")
     cli = importlib.util.module_from_spec(spec)
