@@ -23,9 +23,31 @@ _LAZY_EXPORTS = {
         "load_encoders",
         "save_tiny_random_encoder",
     ],
-    "data": ["build_latent_cache", "center_crop_imagenet", "load_latent_cache", "make_train_dataloader"],
+    "data": [
+        "LatentCacheInfo",
+        "build_latent_cache",
+        "center_crop_imagenet",
+        "load_image_source",
+        "load_latent_cache",
+        "make_train_dataloader",
+        "push_latent_cache_to_hub",
+        "read_cache_info",
+        "synthetic_class_dataset",
+    ],
     "training": ["REPATrainer", "REPATrainingArguments"],
-    "evaluation": ["cka", "cknna", "evaluate_samples", "frechet_distance"],
+    "evaluation": [
+        "analyze_alignment",
+        "cka",
+        "cknna",
+        "compute_statistics",
+        "evaluate_samples",
+        "frechet_distance",
+        "generate_samples",
+        "inception_score",
+        "linear_probe_accuracy",
+        "load_fid_inception",
+        "precision_recall",
+    ],
 }
 _NAME_TO_MODULE = {name: module for module, names in _LAZY_EXPORTS.items() for name in names}
 __all__ = sorted(_NAME_TO_MODULE)
