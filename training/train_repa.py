@@ -12,15 +12,21 @@ Flags override the values of `--config file.yaml`; `--help` lists them all. The 
 """
 
 import logging
+import sys
 
-from diffusers_repa.training import REPATrainer, parse_training_args
+from diffusers_repa.training import REPATrainer, SourcesUnreachableError, parse_training_args
 
 
 def main() -> None:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     args = parse_training_args()
-    export_dir = REPATrainer(args).train()
-    print(f"Done. Final weights: {export_dir}")
+    try:
+        trainer = REPATrainer(args)
+    except SourcesUnreachableError as error:
+        sys.exit(str(error))
+    export_dir = trainer.train()
+    if trainer.accelerator.is_main_process:
+        print(f"Done. Final weights: {export_dir}")
 
 
 if __name__ == "__main__":

@@ -160,6 +160,13 @@ class REPATrainingArguments:
                 raise ValueError(f"--{name} must be positive, got {value}.")
         if not 0.0 <= self.cfg_prob < 1.0:
             raise ValueError(f"--cfg_prob must be in [0, 1), got {self.cfg_prob}.")
+        if self.cfg_prob == 0 and self.validation_guidance_scale > 1:
+            raise ValueError(
+                "--cfg_prob 0 trains no null class, so guided sampling is impossible: "
+                "pass --validation_guidance_scale 1."
+            )
+        if self.max_grad_norm <= 0:
+            raise ValueError(f"--max_grad_norm must be positive, got {self.max_grad_norm}.")
         if self.proj_coeff < 0:
             raise ValueError(f"--proj_coeff must be >= 0, got {self.proj_coeff}.")
         if self.lora_rank < 0:

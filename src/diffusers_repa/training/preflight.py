@@ -15,6 +15,10 @@ from ..models.transformer_sit import SiTTransformer2DModel
 from .arguments import REPATrainingArguments
 
 
+class SourcesUnreachableError(RuntimeError):
+    """The dataset or a model of a training run cannot be read (offline, gated, not found)."""
+
+
 def default_cache_dir(args: REPATrainingArguments) -> Path:
     """Where the latent cache goes when `--cache_dir` is not given: one folder per dataset, split, size and VAE."""
     parts = [args.dataset, args.dataset_split, f"{args.resolution}px", args.vae]
@@ -64,14 +68,10 @@ def check_sources_reachable(args: REPATrainingArguments, *, need_dataset: bool) 
                 f"pretrained model '{args.pretrained_model}' (subfolder 'transformer'): {_first_line(error)}"
             )
     if problems:
-        offline = (
-            " HF_HUB_OFFLINE is set: only local folders and files already in the Hub cache can be used."
-            if (os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"))
-            else ""
+        lines = ["Cannot start training: these sources cannot be read.", *(f"  - {problem}" for problem in problems)]
+        if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+            lines.append("HF_HUB_OFFLINE is set: only local folders and files already in the Hub cache can be used.")
+        lines.append(
+            "For an offline smoke run: python training/train_repa.py --config training/configs/quickstart.yaml"
         )
-        raise RuntimeError(
-            "Cannot start training, these sources cannot be read:\n  - "
-            + "\n  - ".join(problems)
-            + f"\n{offline}\nFor an offline smoke run, use `python training/train_repa.py --config "
-            "training/configs/quickstart.yaml`."
-        )
+        raise SourcesUnreachableError("\n".join(lines))

@@ -119,45 +119,10 @@ class REPATrainer:
             self.per_device_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
         )
 
-        # Fail fast, then the data: the latent cache is built once (all processes share the work) and reused.
-        cache_dir = Path(args.cache_dir) if args.cache_dir else default_cache_dir(args)
-        have_cache = (cache_dir / CACHE_INFO_FILE).is_file()
-        check_sources_reachable(args, need_dataset=not have_cache and image_source is None)
-        if not have_cache:
-            logger.info(
-                f"Building the latent cache in {cache_dir} (once; later runs reuse it).", main_process_only=True
-            )
-            build_latent_cache(
-                args.dataset if image_source is None else image_source,
-                cache_dir,
-                args.vae,
-                args.resolution,
-                split=args.dataset_split,
-                image_column=args.image_column,
-                label_column=args.label_column,
-                max_samples=args.max_train_samples,
-            )
-        self.cache_info = read_cache_info(cache_dir)
-        self._check_cache_matches_args(cache_dir)
-        train_dataloader = make_train_dataloader(
-            load_latent_cache(cache_dir),
-            self.per_device_batch_size,
-            shuffle=True,
-            seed=args.seed,
-            num_workers=args.dataloader_num_workers,
-            hflip=args.hflip,
-            drop_last=True,
-        )
-        # Latent normalisation z = (x − shift)·scale, exactly as SiTPipeline inverts it when decoding.
+        # Data (after checking that every source can be read): the latent cache and its loader.
+        train_dataloader = self._latent_cache_loader(image_source)
         info = self.cache_info
-        channels = (1, info.latent_channels, 1, 1)
-        if info.latents_mean is not None and info.latents_std is not None:
-            shift = torch.tensor(info.latents_mean).view(channels)
-            scale = info.scaling_factor / torch.tensor(info.latents_std).view(channels)
-        else:
-            shift = torch.full(channels, info.shift_factor or 0.0)
-            scale = torch.full(channels, info.scaling_factor)
-        self.latent_shift, self.latent_scale = shift.to(accelerator.device), scale.to(accelerator.device)
+        self.latent_shift, self.latent_scale = self._latent_normalisation()
 
         # Models: frozen encoders (none when λ = 0), the VAE (for samples and the export), the transformer.
         device = accelerator.device
@@ -179,9 +144,6 @@ class REPATrainer:
             weight_decay=args.adam_weight_decay,
             eps=args.adam_epsilon,
         )
-        # Creating a loader iterator draws a seed from the loader's `generator`, or else from the global RNG, which
-        # also drives label dropout; a resumed run creates one iterator more than an uninterrupted one.
-        train_dataloader.generator = torch.Generator().manual_seed(args.seed)
         self.model, self.optimizer, self.train_dataloader = accelerator.prepare(model, optimizer, train_dataloader)
         self.unwrapped_model: SiTTransformer2DModel = accelerator.unwrap_model(self.model)
         self.trainable_params = [param for param in self.unwrapped_model.parameters() if param.requires_grad]
@@ -212,22 +174,7 @@ class REPATrainer:
                 logger.info(f"No checkpoint in {self.output_dir} yet: starting from step 0.", main_process_only=True)
             else:
                 self.load_checkpoint(checkpoint)
-
-        if accelerator.is_main_process:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-            (self.output_dir / "training_args.json").write_text(json.dumps(dataclasses.asdict(args), indent=2))
-            tracker_config = {
-                k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in vars(args).items()
-            }
-            accelerator.init_trackers(args.tracker_project_name, config=tracker_config)
-        num_params = sum(param.numel() for param in self.unwrapped_model.parameters())
-        logger.info(
-            f"{args.model}: {num_params / 1e6:.1f}M parameters ({sum(p.numel() for p in self.trainable_params) / 1e6:.1f}M "
-            f"trained); {info.num_samples} images, {info.num_classes} classes; batch {self.global_batch_size} = "
-            f"{self.per_device_batch_size} per device × {accelerator.num_processes} processes × "
-            f"{args.gradient_accumulation_steps} accumulation steps; encoders: {args.encoder_names if self.encoders else 'none'}.",
-            main_process_only=True,
-        )
+        self._start_run_records()
 
     # ------------------------------------------------------------------------------------------------ training loop
 
@@ -243,17 +190,13 @@ class REPATrainer:
         )
         for step in range(self.global_step, args.max_train_steps):
             align = bool(self.encoders) and (args.alignment_stop_step is None or step < args.alignment_stop_step)
-            step_losses = torch.zeros(3, device=accelerator.device)  # loss, denoising loss, projection loss
+            step_losses = torch.zeros(3, device=accelerator.device)  # loss, denoising, projection: mean of micro-steps
             for _ in range(args.gradient_accumulation_steps):
                 with accelerator.accumulate(self.model):
                     losses = self.compute_loss(next(batches), align=align)
                     accelerator.backward(losses.loss)
-                step_losses += (
-                    torch.stack(
-                        [losses.loss.detach(), losses.denoising_loss.detach().mean(), losses.projection_loss.detach()]
-                    )
-                    / args.gradient_accumulation_steps
-                )
+                terms = [losses.loss, losses.denoising_loss.mean(), losses.projection_loss]
+                step_losses += torch.stack(terms).detach() / args.gradient_accumulation_steps
             grad_norm = accelerator.clip_grad_norm_(self.trainable_params, args.max_grad_norm)
             if self._all_processes_finite(step_losses[0]):
                 self.optimizer.step()
@@ -521,6 +464,9 @@ class REPATrainer:
             assets = build_quickstart_assets(assets_dir, args.resolution, seed=args.seed)
         self.smoke_notice = QUICKSTART_NOTICE
         logger.warning(QUICKSTART_NOTICE, main_process_only=True)
+        if self.accelerator.device.type == "cpu":
+            # Its ops are tiny: a second CPU thread buys nothing and stalls (10× slower) when the cores are busy.
+            torch.set_num_threads(1)
         args = dataclasses.replace(
             args,
             dataset="synthetic-shapes",
@@ -529,6 +475,80 @@ class REPATrainer:
             cache_dir=args.cache_dir or str(assets_dir / "latent_cache"),
         )
         return args, assets.dataset
+
+    def _latent_cache_loader(self, image_source: datasets.Dataset | None) -> torch.utils.data.DataLoader:
+        """Fail fast if a source cannot be read, build the latent cache once (every process shares the work; later
+        runs reuse it), and return its loader (sample order fixed by the seed and the epoch)."""
+        args = self.args
+        cache_dir = Path(args.cache_dir) if args.cache_dir else default_cache_dir(args)
+        have_cache = (cache_dir / CACHE_INFO_FILE).is_file()
+        check_sources_reachable(args, need_dataset=not have_cache and image_source is None)
+        if not have_cache:
+            logger.info(f"Building the latent cache in {cache_dir} (once).", main_process_only=True)
+            build_latent_cache(
+                args.dataset if image_source is None else image_source,
+                cache_dir,
+                args.vae,
+                args.resolution,
+                split=args.dataset_split,
+                image_column=args.image_column,
+                label_column=args.label_column,
+                max_samples=args.max_train_samples,
+            )
+        self.cache_info = info = read_cache_info(cache_dir)
+        vae_config = AutoencoderKL.load_config(args.vae)
+        latent_size = args.resolution // 2 ** (len(vae_config["block_out_channels"]) - 1)
+        cached = (info.resolution, info.latent_channels, info.latent_size, info.scaling_factor)
+        if cached != (args.resolution, vae_config["latent_channels"], latent_size, vae_config["scaling_factor"]):
+            raise ValueError(
+                f"The latent cache {cache_dir} holds {info.resolution}-px images as {info.latent_channels}×"
+                f"{info.latent_size}² latents (VAE {info.vae!r}, scaling {info.scaling_factor}), which --resolution "
+                f"{args.resolution} with --vae {args.vae!r} does not give; pass matching flags or another --cache_dir."
+            )
+        if info.vae != args.vae:  # e.g. the same local VAE folder, moved
+            logger.warning(f"The latent cache was encoded with VAE {info.vae!r}; this run decodes with {args.vae!r}.")
+        loader = make_train_dataloader(
+            load_latent_cache(cache_dir),
+            self.per_device_batch_size,
+            shuffle=True,
+            seed=args.seed,
+            num_workers=args.dataloader_num_workers,
+            hflip=args.hflip,
+            drop_last=True,
+        )
+        # Creating a loader iterator draws a seed from the loader's `generator`, or else from the global RNG, which
+        # also drives label dropout; a resumed run creates one iterator more than an uninterrupted one.
+        loader.generator = torch.Generator().manual_seed(args.seed)
+        return loader
+
+    def _latent_normalisation(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(shift, scale), each (1, C, 1, 1), of z = (x − shift)·scale, exactly as SiTPipeline inverts it."""
+        info, channels = self.cache_info, (1, self.cache_info.latent_channels, 1, 1)
+        if info.latents_mean is not None and info.latents_std is not None:
+            shift = torch.tensor(info.latents_mean).view(channels)
+            scale = info.scaling_factor / torch.tensor(info.latents_std).view(channels)
+        else:
+            shift = torch.full(channels, info.shift_factor or 0.0)
+            scale = torch.full(channels, info.scaling_factor)
+        return shift.to(self.accelerator.device), scale.to(self.accelerator.device)
+
+    def _start_run_records(self) -> None:
+        """Write training_args.json, start the trackers, and log what is being trained on what."""
+        args, accelerator, info = self.args, self.accelerator, self.cache_info
+        if accelerator.is_main_process:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            (self.output_dir / "training_args.json").write_text(json.dumps(dataclasses.asdict(args), indent=2))
+            flat = {name: v if isinstance(v, (int, float, str, bool)) else str(v) for name, v in vars(args).items()}
+            accelerator.init_trackers(args.tracker_project_name, config=flat)
+        total = sum(param.numel() for param in self.unwrapped_model.parameters())
+        trained = sum(param.numel() for param in self.trainable_params)
+        logger.info(
+            f"{args.model}: {total / 1e6:.1f}M parameters, {trained / 1e6:.1f}M trained. Data: {info.num_samples} "
+            f"images, {info.num_classes} classes. Batch {self.global_batch_size} = {self.per_device_batch_size} per "
+            f"device × {accelerator.num_processes} processes × {args.gradient_accumulation_steps} accumulation "
+            f"steps. Encoders: {', '.join(args.encoder_names) if self.encoders else 'none'}.",
+            main_process_only=True,
+        )
 
     def _per_device_batch_size(self) -> int:
         args, num_processes = self.args, self.accelerator.num_processes
@@ -542,15 +562,6 @@ class REPATrainer:
                 f"multiple of {divisor}, or set the per-device batch with --train_batch_size."
             )
         return args.global_batch_size // divisor
-
-    def _check_cache_matches_args(self, cache_dir: Path) -> None:
-        info, args = self.cache_info, self.args
-        if info.resolution != args.resolution or (info.vae is not None and info.vae != args.vae):
-            raise ValueError(
-                f"The latent cache {cache_dir} holds {info.resolution}-px images encoded with VAE {info.vae!r}, but "
-                f"this run asks for {args.resolution} px with {args.vae!r}; pass matching --resolution/--vae or "
-                "another --cache_dir."
-            )
 
     def _build_model(self, projection_dims: tuple[int, ...]) -> SiTTransformer2DModel:
         """A new SiT of the preset size, or the `--pretrained_model` transformer (with LoRA adapters if asked)."""
@@ -587,14 +598,14 @@ class REPATrainer:
             )
         if args.cfg_prob > 0 and config["class_dropout_prob"] == 0:
             raise ValueError(f"{args.pretrained_model} has no null class for label dropout; pass --cfg_prob 0.")
-        # Projectors of other widths than the encoders' (or none at all) are created anew and trained.
-        model = SiTTransformer2DModel.from_pretrained(
-            args.pretrained_model,
-            subfolder="transformer",
-            projection_dims=projection_dims,
-            low_cpu_mem_usage=False,
-            ignore_mismatched_sizes=tuple(config["projection_dims"]) != projection_dims,
-        )
+        model = SiTTransformer2DModel.from_pretrained(args.pretrained_model, subfolder="transformer")
+        if tuple(model.config.projection_dims) != projection_dims:
+            # No projectors, or other widths than the encoders': new ones (initialised as in a new model), trained.
+            pretrained = {
+                name: value for name, value in model.state_dict().items() if not name.startswith("projectors.")
+            }
+            model = SiTTransformer2DModel.from_config(model.config, projection_dims=projection_dims)
+            model.load_state_dict(pretrained, strict=False)
         model.class_embed.dropout_prob = args.cfg_prob
         if args.use_lora:
             model.requires_grad_(False)

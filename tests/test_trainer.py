@@ -1,0 +1,371 @@
+"""REPATrainer: the step against a hand computation, resume equivalence, crash-safe checkpoints, the non-finite
+guard, fp16-safe alignment, LoRA fine-tuning and the export (pipeline, model card, Hub upload).
+
+Everything runs on a tiny setup built once per module: 16 synthetic 32-px images of 4 classes, a tiny random VAE
+(8× down, 4×4×4 latents), a tiny random DINOv2 (2×2 tokens, width 32) and a 2-block SiT of width 32.
+"""
+
+import copy
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from accelerate.state import AcceleratorState, GradientState
+from diffusers import AutoencoderKL
+from safetensors.torch import load_file
+
+import diffusers_repa.training.hub as hub_module
+from diffusers_repa.data import build_latent_cache, load_latent_cache, make_train_dataloader, synthetic_class_dataset
+from diffusers_repa.encoders import load_encoder, save_tiny_random_encoder
+from diffusers_repa.losses import REPALossOutput, projection_loss
+from diffusers_repa.models.transformer_sit import SiTTransformer2DModel
+from diffusers_repa.pipelines.pipeline_sit import SiTPipeline
+from diffusers_repa.schedulers import SiTSDEScheduler
+from diffusers_repa.training import (
+    NonFiniteLossError,
+    REPATrainer,
+    REPATrainingArguments,
+    list_checkpoints,
+    resolve_checkpoint,
+)
+from diffusers_repa.training.quickstart import save_tiny_random_vae
+
+RESOLUTION = 32
+
+
+@dataclasses.dataclass
+class TinyAssets:
+    vae: Path
+    encoder: Path
+    cache: Path
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory) -> TinyAssets:
+    root = tmp_path_factory.mktemp("tiny_assets")
+    vae = save_tiny_random_vae(root / "vae")
+    encoder = save_tiny_random_encoder("dinov2", root / "encoder", hidden_size=32, num_hidden_layers=1)
+    images = synthetic_class_dataset(num_classes=4, samples_per_class=4, resolution=RESOLUTION)
+    cache = build_latent_cache(images, root / "cache", str(vae), RESOLUTION, num_workers=0, show_progress=False)
+    return TinyAssets(vae, encoder, cache)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+def tiny_args(assets: TinyAssets, output_dir: Path, **overrides) -> REPATrainingArguments:
+    values = {
+        "output_dir": str(output_dir),
+        "cache_dir": str(assets.cache),
+        "vae": str(assets.vae),
+        "encoder": str(assets.encoder),
+        "resolution": RESOLUTION,
+        "model": "SiT-S/2",
+        "depth": 2,
+        "hidden_size": 32,
+        "num_attention_heads": 2,
+        "encoder_depth": 1,
+        "projector_dim": 16,
+        "max_train_steps": 2,
+        "global_batch_size": 4,
+        "learning_rate": 1e-3,
+        "ema_decay": 0.9,
+        "mixed_precision": "no",
+        "report_to": "none",
+        "dataloader_num_workers": 0,
+        "logging_steps": 1,
+        "validation_steps": 1000,
+        "checkpointing_steps": 1000,
+        "num_validation_images": 2,
+        "validation_inference_steps": 2,
+    }
+    return REPATrainingArguments(**{**values, **overrides})
+
+
+def parameters(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: param.detach().clone() for name, param in model.named_parameters()}
+
+
+def assert_same_tensors(actual: dict, expected: dict, **tolerance) -> None:
+    assert actual.keys() == expected.keys()
+    for name in expected:
+        torch.testing.assert_close(actual[name], expected[name], msg=lambda m, n=name: f"{n}: {m}", **tolerance)
+
+
+def test_one_step_matches_a_hand_computed_step(assets, tmp_path):
+    args = tiny_args(assets, tmp_path / "run", max_train_steps=1, max_grad_norm=0.05, ema_decay=0.75)
+    trainer = REPATrainer(args)
+    model_before = copy.deepcopy(trainer.unwrapped_model)
+    noise_state, global_rng_state = trainer.generator.get_state(), torch.get_rng_state()
+    logged = []
+    trainer.accelerator.log = lambda values, step: logged.append((step, values))
+    trainer.train()
+
+    # The same step by hand: first batch of epoch 0, posterior sample, t, noise, label dropout, loss, clip, AdamW.
+    loader = make_train_dataloader(load_latent_cache(assets.cache), 4, shuffle=True, seed=args.seed)
+    loader.batch_sampler.set_epoch(0)
+    batch = next(iter(loader))
+    generator = torch.Generator().set_state(noise_state)
+    scaling_factor = AutoencoderKL.load_config(assets.vae)["scaling_factor"]
+    mean, std = batch["latent_mean"], batch["latent_std"]
+    latents = (mean + std * torch.randn(mean.shape, generator=generator)) * scaling_factor
+    t = torch.rand(4, generator=generator)
+    noise = torch.randn(latents.shape, generator=generator)
+    x_t = (1 - t).view(-1, 1, 1, 1) * latents + t.view(-1, 1, 1, 1) * noise
+    velocity = noise - latents
+    targets = load_encoder(assets.encoder, resolution=RESOLUTION)(batch["image"])
+
+    model = copy.deepcopy(model_before).train()
+    torch.set_rng_state(global_rng_state)  # label dropout draws from the global RNG
+    output = model(x_t, t, batch["label"])
+    denoising = (output.sample - velocity).pow(2).mean()
+    alignment = -F.cosine_similarity(targets, output.projections[0], dim=-1).mean()
+    loss = denoising + args.proj_coeff * alignment
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+    assert grad_norm > args.max_grad_norm  # clipping is active in this test
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, betas=(0.9, 0.999), weight_decay=0.0)
+    optimizer.step()
+
+    ((step, values),) = logged
+    assert step == 1
+    assert values["loss"] == pytest.approx(loss.item(), rel=1e-5)
+    assert values["projection_loss"] == pytest.approx(alignment.item(), rel=1e-5)
+    assert values["grad_norm"] == pytest.approx(grad_norm.item(), rel=1e-5)
+    expected = parameters(model)
+    assert_same_tensors(parameters(trainer.unwrapped_model), expected)
+    decay = args.ema_decay
+    expected_ema = {
+        name: decay * before + (1 - decay) * expected[name] for name, before in parameters(model_before).items()
+    }
+    assert_same_tensors(parameters(trainer.ema.model), expected_ema)
+    trained_state = trainer.optimizer.state_dict()["state"]
+    reference_state = optimizer.state_dict()["state"]
+    for index, state in reference_state.items():
+        assert_same_tensors(trained_state[index], state)
+
+
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(assets, tmp_path):
+    # 16 images, 4 per micro-batch, 2 micro-batches per step: 2 steps per epoch; step 3 ends mid-epoch 1.
+    settings = {"global_batch_size": 8, "gradient_accumulation_steps": 2, "hflip": True, "checkpointing_steps": 3}
+    straight = REPATrainer(tiny_args(assets, tmp_path / "straight", max_train_steps=6, **settings))
+    straight.train()
+
+    REPATrainer(tiny_args(assets, tmp_path / "resumed", max_train_steps=3, **settings)).train()
+    resumed = REPATrainer(
+        tiny_args(assets, tmp_path / "resumed", max_train_steps=6, resume_from_checkpoint="latest", **settings)
+    )
+    assert resumed.global_step == 3
+    resumed.train()
+
+    torch.testing.assert_close(
+        parameters(resumed.unwrapped_model), parameters(straight.unwrapped_model), rtol=0, atol=0
+    )
+    torch.testing.assert_close(parameters(resumed.ema.model), parameters(straight.ema.model), rtol=0, atol=0)
+    torch.testing.assert_close(resumed.optimizer.state_dict(), straight.optimizer.state_dict(), rtol=0, atol=0)
+    assert [path.name for path in list_checkpoints(tmp_path / "resumed")] == ["checkpoint-3", "checkpoint-6"]
+
+
+def test_a_crash_while_writing_a_checkpoint_never_looks_complete(assets, tmp_path, monkeypatch):
+    output_dir = tmp_path / "run"
+    trainer = REPATrainer(tiny_args(assets, output_dir, checkpoints_total_limit=2))
+    trainer.global_step = 2
+    trainer.save_checkpoint()
+    saved_weights = load_file(output_dir / "checkpoint-2" / "model.safetensors")
+
+    def killed_midway(*args, **kwargs):
+        raise KeyboardInterrupt("killed while writing")
+
+    # accelerate has written model and optimizer into checkpoint-4.tmp when the EMA write "dies".
+    monkeypatch.setattr("diffusers_repa.training.trainer.save_file", killed_midway)
+    trainer.global_step = 4
+    with pytest.raises(KeyboardInterrupt):
+        trainer.save_checkpoint()
+    assert (output_dir / "checkpoint-4.tmp" / "model.safetensors").is_file()
+    assert not (output_dir / "checkpoint-4").exists()
+    assert list_checkpoints(output_dir) == [output_dir / "checkpoint-2"]
+    assert resolve_checkpoint(output_dir, "latest") == output_dir / "checkpoint-2"
+    with pytest.raises(ValueError, match="unfinished checkpoint"):
+        resolve_checkpoint(output_dir, str(output_dir / "checkpoint-4.tmp"))
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    resumed = REPATrainer(tiny_args(assets, output_dir, resume_from_checkpoint="latest", checkpoints_total_limit=2))
+    assert resumed.global_step == 2
+    torch.testing.assert_close(dict(resumed.unwrapped_model.state_dict()), saved_weights, rtol=0, atol=0)
+
+    # The next save of that step replaces the leftover; rotation keeps the newest two, only once the new one exists.
+    monkeypatch.undo()
+    for step in (4, 6):
+        resumed.global_step = step
+        resumed.save_checkpoint()
+    assert not (output_dir / "checkpoint-4.tmp").exists()
+    assert sorted(path.name for path in output_dir.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-6"]
+
+
+def test_resume_from_a_missing_checkpoint_is_a_clear_error(assets, tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such checkpoint folder"):
+        REPATrainer(tiny_args(assets, tmp_path / "run", resume_from_checkpoint=str(tmp_path / "checkpoint-9")))
+
+
+def nan_loss_on(trainer: REPATrainer, calls: set[int]):
+    """Replace `compute_loss` by one whose loss is NaN on the given (1-based) calls."""
+    original, counter = trainer.compute_loss, {"calls": 0}
+
+    def compute_loss(batch, align=True):
+        counter["calls"] += 1
+        losses = original(batch, align)
+        if counter["calls"] in calls:
+            return REPALossOutput(losses.loss * float("nan"), losses.denoising_loss, losses.projection_loss)
+        return losses
+
+    trainer.compute_loss = compute_loss
+
+
+def test_nonfinite_losses_skip_the_update_and_stop_the_run(assets, tmp_path):
+    trainer = REPATrainer(tiny_args(assets, tmp_path / "run", max_train_steps=10, max_nonfinite_steps=3))
+    weights, ema = parameters(trainer.unwrapped_model), parameters(trainer.ema.model)
+    nan_loss_on(trainer, calls=set(range(1, 100)))
+    with pytest.raises(NonFiniteLossError, match=r"NaN or infinite for 3 optimizer steps in a row \(steps 1–3\)"):
+        trainer.train()
+    assert trainer.optimizer.state_dict()["state"] == {}
+    torch.testing.assert_close(parameters(trainer.unwrapped_model), weights, rtol=0, atol=0)
+    torch.testing.assert_close(parameters(trainer.ema.model), ema, rtol=0, atol=0)
+
+
+def test_one_nonfinite_step_is_skipped_and_training_goes_on(assets, tmp_path):
+    trainer = REPATrainer(tiny_args(assets, tmp_path / "run", max_train_steps=4))
+    nan_loss_on(trainer, calls={2})
+    trainer.train()
+    assert trainer.num_nonfinite_steps == 1
+    adam_steps = {int(state["step"]) for state in trainer.optimizer.state_dict()["state"].values()}
+    assert adam_steps == {3}
+    assert all(torch.isfinite(param).all() for param in trainer.unwrapped_model.parameters())
+
+
+def test_projection_loss_stays_finite_in_fp16_where_naive_normalisation_overflows():
+    generator = torch.Generator().manual_seed(0)
+    targets = (torch.randn(2, 16, 768, generator=generator) * 1000).half()  # |x|² ≈ 7.7e8 > fp16 max 65504
+    projections = (targets.float() + 300 * torch.randn(2, 16, 768, generator=generator)).half()
+
+    naive = -((targets * projections).sum(-1) / (targets.norm(dim=-1) * projections.norm(dim=-1))).mean()
+    assert not torch.isfinite(naive)
+
+    loss = projection_loss([targets], [projections])
+    reference = -F.cosine_similarity(targets.double(), projections.double(), dim=-1).mean()
+    assert torch.isfinite(loss)
+    assert loss.item() == pytest.approx(reference.item(), abs=1e-4)
+
+
+@pytest.fixture
+def base_pipeline(assets, tmp_path) -> Path:
+    """A 'pretrained' SiT pipeline without projectors and with 6 classes (the dataset has 4)."""
+    torch.manual_seed(1)
+    transformer = SiTTransformer2DModel(
+        sample_size=4, hidden_size=32, depth=2, num_attention_heads=2, num_classes=6, encoder_depth=1,
+        projector_dim=16, projection_dims=(),
+    )  # fmt: skip
+    for param in transformer.parameters():  # non-zero adaLN/output layers, so that LoRA deltas show
+        torch.nn.init.normal_(param, std=0.05)
+    vae = AutoencoderKL.from_pretrained(assets.vae)
+    path = tmp_path / "base"
+    SiTPipeline(transformer, vae, SiTSDEScheduler()).save_pretrained(path)
+    return path
+
+
+def test_lora_fine_tuning_saves_an_adapter_that_reproduces_the_trained_model(assets, base_pipeline, tmp_path):
+    args = tiny_args(
+        assets, tmp_path / "lora-run", pretrained_model=str(base_pipeline), lora_rank=4, ema_decay=0.0,
+        learning_rate=1e-2, max_train_steps=3,
+    )  # fmt: skip
+    trainer = REPATrainer(args)
+    trainable = [name for name, param in trainer.unwrapped_model.named_parameters() if param.requires_grad]
+    assert trainable and all("lora_" in name or name.startswith("projectors.") for name in trainable)
+    assert any(name.startswith("projectors.") for name in trainable)  # created for the encoder's width 32
+    export_dir = trainer.train()
+
+    assert export_dir == tmp_path / "lora-run" / "lora"
+    adapter = load_file(export_dir / "pytorch_lora_weights.safetensors")
+    assert adapter and all("lora" in key for key in adapter)
+    assert "lora" in (export_dir / "README.md").read_text()
+
+    sample = torch.randn(3, 4, 4, 4, generator=torch.Generator().manual_seed(0))
+    t, labels = torch.tensor([0.1, 0.5, 0.9]), torch.tensor([0, 3, 6])
+    trained = trainer.ema.model.eval()(sample, t, labels, return_projections=False).sample
+    pipe = SiTPipeline.from_pretrained(base_pipeline)
+    base = pipe.transformer.eval()(sample, t, labels, return_projections=False).sample
+    pipe.load_lora_weights(export_dir)
+    with_adapter = pipe.transformer(sample, t, labels, return_projections=False).sample
+    assert (trained - base).abs().max() > 1e-4
+    torch.testing.assert_close(with_adapter, trained, rtol=1e-5, atol=1e-6)
+
+
+def test_export_is_a_loadable_pipeline_with_card_and_pushes_to_the_hub(assets, tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(
+        hub_module, "create_repo", lambda repo_id, **kwargs: calls.append(("create", repo_id)) or "url"
+    )
+    monkeypatch.setattr(hub_module, "upload_folder", lambda **kwargs: calls.append(("upload", kwargs)))
+    args = tiny_args(
+        assets, tmp_path / "run", push_to_hub=True, hub_model_id="me/sit-tiny", validation_steps=1,
+        checkpointing_steps=1, checkpoints_total_limit=1,
+    )  # fmt: skip
+    export_dir = REPATrainer(args).train()
+
+    assert export_dir == tmp_path / "run" / "pipeline"
+    assert not (tmp_path / "run" / "pipeline.tmp").exists()
+    assert sorted(path.name for path in (tmp_path / "run" / "samples").iterdir()) == [
+        "step-0000001.png",
+        "step-0000002.png",
+    ]
+    assert [path.name for path in list_checkpoints(tmp_path / "run")] == ["checkpoint-2"]
+    pipe = SiTPipeline.from_pretrained(export_dir)
+    assert isinstance(pipe.scheduler, SiTSDEScheduler)
+    assert pipe.config.id2label["3"] == "cross-hue270"
+    images = pipe(class_labels=[0, 3], num_inference_steps=2, generator=torch.Generator().manual_seed(0)).images
+    assert [image.size for image in images] == [(RESOLUTION, RESOLUTION)] * 2
+
+    card = (export_dir / "README.md").read_text()
+    assert 'SiTPipeline.from_pretrained("me/sit-tiny")' in card
+    assert "![Samples from the EMA weights](samples.png)" in card and (export_dir / "samples.png").is_file()
+    assert "| `proj_coeff` | `0.5` |" in card and "for 2 steps" in card
+    assert calls[0] == ("create", "me/sit-tiny")
+    assert calls[1][1]["repo_id"] == "me/sit-tiny" and Path(calls[1][1]["folder_path"]) == export_dir
+    saved_args = json.loads((tmp_path / "run" / "training_args.json").read_text())
+    assert saved_args["hub_model_id"] == "me/sit-tiny"
+
+
+def test_alignment_stops_after_the_given_step(assets, tmp_path):
+    trainer = REPATrainer(tiny_args(assets, tmp_path / "run", max_train_steps=3, alignment_stop_step=1))
+    encoder_calls = []
+    original = trainer.encode_targets
+    trainer.encode_targets = lambda images: encoder_calls.append(len(images)) or original(images)
+    logged = []
+    trainer.accelerator.log = lambda values, step: logged.append(values)
+    trainer.train()
+    assert encoder_calls == [4]  # step 1 only
+    assert logged[0]["projection_loss"] < 0 and logged[1]["projection_loss"] == logged[2]["projection_loss"] == 0
+
+
+def test_global_batch_must_split_over_processes_and_accumulation(assets, tmp_path):
+    with pytest.raises(ValueError, match="--global_batch_size 6 is not divisible .* multiple of 4"):
+        REPATrainer(tiny_args(assets, tmp_path / "run", global_batch_size=6, gradient_accumulation_steps=4))
+    trainer = REPATrainer(tiny_args(assets, tmp_path / "run2", global_batch_size=8, gradient_accumulation_steps=2))
+    assert (trainer.per_device_batch_size, trainer.global_batch_size) == (4, 8)
+
+
+def test_latest_is_the_highest_complete_step(tmp_path):
+    assert list_checkpoints(tmp_path / "missing") == []
+    assert resolve_checkpoint(tmp_path, "latest") is None
+    (tmp_path / "checkpoint-10").mkdir()
+    (tmp_path / "checkpoint-9").mkdir()
+    (tmp_path / "checkpoint-11.tmp").mkdir()
+    assert [path.name for path in list_checkpoints(tmp_path)] == ["checkpoint-9", "checkpoint-10"]
+    assert resolve_checkpoint(tmp_path, "latest") == tmp_path / "checkpoint-10"
