@@ -6,6 +6,8 @@ import torch
 
 from diffusers_repa.evaluation import cka, cknna, linear_probe_accuracy
 
+from .conftest import load_script
+
 
 def reference_cknna(a, b, k, eps=1e-6):
     """Independent NumPy transcription of platonic-rep `cknna` (unbiased, O(N³) HSIC as written there)."""
@@ -223,17 +225,12 @@ def test_alignment_by_block_scores_and_pooling():
 
 def test_analyze_alignment_cli_writes_csv_and_plot(tiny_models, tmp_path, capsys):
     import csv
-    import importlib.util
-    from pathlib import Path
 
     from PIL import Image
 
     images = np.random.default_rng(1).integers(0, 256, (24, 32, 32, 3), dtype=np.uint8)
     np.savez(tmp_path / "images.npz", arr_0=images, arr_1=np.arange(24) % 4)
-    script_path = Path(__file__).resolve().parents[1] / "pipelines" / "analyze_alignment.py"
-    spec = importlib.util.spec_from_file_location("pipelines_analyze_alignment", script_path)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script("pipelines/analyze_alignment.py")
     script.main(
         [
             "--pipeline",

@@ -1,7 +1,6 @@
 """Conversion of the original REPA checkpoint forms, export back to the original layout, and the CLIs."""
 
 import argparse
-import sys
 
 import pytest
 import torch
@@ -16,11 +15,10 @@ from diffusers_repa.conversion import (
 )
 from diffusers_repa.models import SiTTransformer2DModel
 
-from .conftest import SIT_TINY, load_reference
+from .conftest import SIT_TINY, load_reference, load_script
 
-sys.path.insert(0, str(SIT_TINY.parents[3] / "pipelines"))
-import convert_diffusers_to_repa  # noqa: E402
-import convert_repa_to_diffusers  # noqa: E402
+convert_repa_to_diffusers = load_script("pipelines/convert_repa_to_diffusers.py")
+convert_diffusers_to_repa = load_script("pipelines/convert_diffusers_to_repa.py")
 
 OFFICIAL = load_file(str(SIT_TINY / "official_state_dict.safetensors"))
 

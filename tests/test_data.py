@@ -1,7 +1,6 @@
 """ADM preprocessing, image sources, the VAE latent cache (build, resume, multi-process, streaming, push) and loader."""
 
 import dataclasses
-import importlib.util
 import json
 import os
 import shutil
@@ -36,9 +35,7 @@ from diffusers_repa.data import latent_cache as latent_cache_module
 from diffusers_repa.data import sources as sources_module
 from diffusers_repa.data.latent_cache import build_latent_cache
 
-from .conftest import REPA_REFERENCE
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from .conftest import REPA_REFERENCE, REPO_ROOT, load_script
 
 
 @pytest.fixture(scope="module")
@@ -444,9 +441,7 @@ def test_mixed_precision_encoding_stays_close_to_float32(tmp_path, vae_dir):
 
 
 def test_prepare_dataset_cli(tmp_path, image_folder, vae_dir, monkeypatch, capsys):
-    spec = importlib.util.spec_from_file_location("prepare_dataset", REPO_ROOT / "training" / "prepare_dataset.py")
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
+    cli = load_script("training/prepare_dataset.py")
     pushed = []
     monkeypatch.setattr(cli, "push_latent_cache_to_hub", lambda path, repo_id, **kw: pushed.append(repo_id) or "url")
     output = tmp_path / "cli"

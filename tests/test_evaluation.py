@@ -1,8 +1,6 @@
 """Evaluation metrics: FID Inception module, FID / sFID / IS / precision-recall, ADM-layout I/O, CLI and `evaluate`."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -34,8 +32,7 @@ from diffusers_repa.evaluation import (
     resolve_inception_weights,
 )
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-
+from .conftest import load_script
 
 # ---------------------------------------------------------------- independent NumPy / SciPy references
 
@@ -103,14 +100,6 @@ class TinyInception(nn.Module):
         pooled = F.adaptive_avg_pool2d(images.float() / 255.0, 4).flatten(1)
         pool = torch.tanh(pooled @ self.proj)
         return InceptionFeatures(pool=pool, spatial=pooled[:, :5] * 2.0, logits=3.0 * pool @ self.classifier)
-
-
-def load_script(name):
-    """A script of pipelines/ as a module (its file name may clash with a package, e.g. `evaluate`)."""
-    spec = importlib.util.spec_from_file_location(f"pipelines_{name}", REPO_ROOT / "pipelines" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def random_images(seed, count, size=16, offset=0):
@@ -455,7 +444,7 @@ def test_compute_reference_batch_writes_adm_layout(tmp_path):
 
 
 def test_evaluate_cli_prints_table_and_writes_json(tmp_path, monkeypatch, capsys):
-    evaluate_script = load_script("evaluate")
+    evaluate_script = load_script("pipelines/evaluate.py")
     import diffusers_repa.evaluation.evaluator as evaluator
 
     requested = []

@@ -1,7 +1,6 @@
 """Sample generation for FID: ADM-layout npz, per-index reproducibility, resumption, balanced labels, CLI."""
 
 import contextlib
-import importlib.util
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -17,7 +16,8 @@ from diffusers_repa.pipelines.pipeline_sit import SiTPipeline
 from diffusers_repa.schedulers.scheduling_sit_ode import SiTODEScheduler
 from diffusers_repa.schedulers.scheduling_sit_sde import SiTSDEScheduler
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from .conftest import load_script
+
 SETTINGS = {"num_inference_steps": 3, "guidance_scale": 1.5, "guidance_interval": (0.0, 0.7), "show_progress": False}
 
 
@@ -162,9 +162,7 @@ def test_balanced_generation_and_ode_sampler(tiny_pipeline_dir, tmp_path):
 
 
 def test_generate_cli(tiny_pipeline_dir, tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location("pipelines_generate", REPO_ROOT / "pipelines" / "generate.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script("pipelines/generate.py")
     script.main(
         [
             "--pipeline",

@@ -1,7 +1,6 @@
 """SiTPipeline: parity with the original REPA samplers, guidance interval, save/load (folder and Hub cache), labels,
 output types, input errors, LoRA loading, and the pipelines/sample.py CLI."""
 
-import importlib.util
 import json
 import shutil
 from hashlib import sha1
@@ -22,10 +21,9 @@ from diffusers_repa.conversion import convert_repa_checkpoint
 from diffusers_repa.pipelines import SiTPipeline, imagenet_id2label
 from diffusers_repa.schedulers import SiTODEScheduler, SiTSDEScheduler
 
-from .conftest import SIT_TINY, load_reference
+from .conftest import SIT_TINY, load_reference, load_script
 
 SAMPLER_FIXTURES = sorted(path.stem for path in SIT_TINY.glob("sampler_*.safetensors"))
-SAMPLE_SCRIPT = Path(__file__).resolve().parents[1] / "pipelines" / "sample.py"
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -369,15 +367,8 @@ def test_lora_rejects_non_lora_weights(transformer):
         make_pipeline(tiny_sit()).load_lora_weights({"proj_out.weight": torch.zeros(1)})
 
 
-def load_sample_script():
-    spec = importlib.util.spec_from_file_location("sample_script", SAMPLE_SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_sample_cli_writes_grid_and_images(tmp_path, saved_pipeline):
-    sample = load_sample_script()
+    sample = load_script("pipelines/sample.py")
     grid_path, individual = tmp_path / "grid.png", tmp_path / "images"
     argv = ["--model", str(saved_pipeline), "--class_labels", "207", "golden retriever", "tench"]
     argv += ["--sampler", "sde", "--steps", "3", "--guidance_scale", "1.8", "--guidance_interval", "0", "0.7"]
