@@ -94,9 +94,11 @@ def repa_loss(
     t = t.to(device=latents.device, dtype=latents.dtype)
     x_t, velocity_target = interpolate(latents, noise, t, path_type)
     align = bool(targets) and proj_coeff != 0
-    output = model(x_t, t, class_labels, return_projections=align)
-    per_sample = denoising_loss(output.sample, velocity_target)
-    alignment = projection_loss(targets, output.projections) if align else per_sample.new_zeros(())
+    # A tuple rather than the output dataclass: accelerate's mixed-precision wrapper rebuilds outputs by type and
+    # would turn the dataclass into `sample={...}`.
+    velocity, projections = model(x_t, t, class_labels, return_projections=align, return_dict=False)[:2]
+    per_sample = denoising_loss(velocity, velocity_target)
+    alignment = projection_loss(targets, projections) if align else per_sample.new_zeros(())
     return REPALossOutput(
         loss=per_sample.mean() + proj_coeff * alignment, denoising_loss=per_sample, projection_loss=alignment
     )
