@@ -369,3 +369,31 @@ def test_latest_is_the_highest_complete_step(tmp_path):
     (tmp_path / "checkpoint-11.tmp").mkdir()
     assert [path.name for path in list_checkpoints(tmp_path)] == ["checkpoint-9", "checkpoint-10"]
     assert resolve_checkpoint(tmp_path, "latest") == tmp_path / "checkpoint-10"
+
+
+def test_gradient_checkpointing_gives_the_same_step(assets, tmp_path):
+    results = []
+    for checkpointing in (False, True):
+        trainer = REPATrainer(tiny_args(assets, tmp_path / str(checkpointing), gradient_checkpointing=checkpointing))
+        trainer.train()
+        results.append(parameters(trainer.unwrapped_model))
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+    assert_same_tensors(results[1], results[0], rtol=1e-5, atol=1e-6)
+
+
+def test_two_encoders_logit_normal_times_and_bf16_autocast(assets, tmp_path):
+    encoders = f"{assets.encoder},{assets.encoder}"
+    args = tiny_args(
+        assets, tmp_path / "run", encoder=encoders, time_sampling="logit_normal", mixed_precision="bf16",
+        max_train_steps=3,
+    )  # fmt: skip
+    trainer = REPATrainer(args)
+    assert tuple(trainer.unwrapped_model.config.projection_dims) == (32, 32) and len(trainer.encoders) == 2
+    logged = []
+    trainer.accelerator.log = lambda values, step: logged.append(values)
+    trainer.train()
+    assert len(logged) == 3 and trainer.num_nonfinite_steps == 0
+    for values in logged:  # mean −cos over both targets; loss = denoising + λ · projection
+        assert -1 <= values["projection_loss"] <= 1 and values["denoising_loss"] > 0
+        assert values["loss"] == pytest.approx(values["denoising_loss"] + 0.5 * values["projection_loss"], rel=1e-5)

@@ -19,8 +19,9 @@ class EMA:
     weights under LoRA); everything else in the copy stays as it was at construction.
 
     Args:
-        model: the model being trained (unwrapped, not compiled: build the EMA before `compile_repeated_blocks`,
-            because a copy of a compiled module would call the original's blocks).
+        model: the model being trained, as a plain module: copy it before `accelerator.prepare` (which patches the
+            instance's `forward`) and before `compile_repeated_blocks` (a copy of a compiled module would call the
+            original's blocks). `update` may then be given the prepared model's unwrapped module.
         decay: weight of the old average per step, in [0, 1]; 0 makes the EMA a plain copy of the model.
 
     Attributes:

@@ -105,7 +105,7 @@ class REPATrainer:
                 DistributedDataParallelKwargs(find_unused_parameters=args.alignment_stop_step is not None)
             ],
         )
-        set_seed(args.seed, device_specific=True)
+        set_seed(args.seed)  # the same initial weights on every process
         if args.allow_tf32 and torch.cuda.is_available():
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
@@ -136,7 +136,10 @@ class REPATrainer:
                 check_token_grid(encoder, model.num_tokens)
         if args.gradient_checkpointing:
             model.enable_gradient_checkpointing()
-        model.train()  # label dropout (classifier-free guidance) happens inside the model in train mode
+        model.to(device).train()  # label dropout (classifier-free guidance) happens inside the model in train mode
+        # The EMA copy is made before `prepare`, which patches the instance's `forward` with autocast (a patch a copy
+        # would inherit), and before compiling (a copy of a compiled module would run the original's blocks).
+        self.ema = EMA(model, args.ema_decay)
         optimizer = torch.optim.AdamW(
             [param for param in model.parameters() if param.requires_grad],
             lr=args.learning_rate,
@@ -147,13 +150,12 @@ class REPATrainer:
         self.model, self.optimizer, self.train_dataloader = accelerator.prepare(model, optimizer, train_dataloader)
         self.unwrapped_model: SiTTransformer2DModel = accelerator.unwrap_model(self.model)
         self.trainable_params = [param for param in self.unwrapped_model.parameters() if param.requires_grad]
-        # After `prepare`, so that every process starts its EMA from the same (broadcast) weights; before
-        # compiling, because a copy of a compiled module would run the original's blocks.
-        self.ema = EMA(self.unwrapped_model, args.ema_decay)
         if args.compile:
             self.unwrapped_model.compile_repeated_blocks()
 
-        # t, the noise of x_t and the posterior noise: one stream per process, independent of the global RNG.
+        # From here on every process draws its own random numbers: label dropout from the global RNG; t, the noise
+        # of x_t and the posterior noise from `self.generator`.
+        set_seed(args.seed, device_specific=True)
         noise_seed = int(np.random.SeedSequence([args.seed, accelerator.process_index]).generate_state(1)[0])
         self.generator = torch.Generator(device).manual_seed(noise_seed)
         # Fixed inputs of every validation grid: classes spread over the label range, noise from the seed.
@@ -200,7 +202,8 @@ class REPATrainer:
             grad_norm = accelerator.clip_grad_norm_(self.trainable_params, args.max_grad_norm)
             if self._all_processes_finite(step_losses[0]):
                 self.optimizer.step()
-                self.ema.update(self.unwrapped_model)
+                if not accelerator.optimizer_step_was_skipped:  # fp16: the grad scaler skips overflowing steps
+                    self.ema.update(self.unwrapped_model)
                 self._add_metrics(step_losses, grad_norm)
                 self.nonfinite_streak = 0
             else:
