@@ -9,6 +9,7 @@ from typing import Any
 
 from huggingface_hub import ModelCard, ModelCardData, create_repo, upload_folder
 
+from ..data import IMAGENET_1K_REPO_ID
 from .arguments import REPATrainingArguments
 
 # The Jinja template lives in the repository's model_cards/ folder.
@@ -32,6 +33,13 @@ class SampleGridInfo:
     sampler: str
     num_inference_steps: int
     guidance_scale: float
+
+
+def _hub_dataset_ids(dataset: str) -> list[str] | None:
+    """The dataset as the card's metadata names it: a Hub id, or nothing for a local folder."""
+    if dataset in ("imagenet-1k", "imagenet"):
+        return [IMAGENET_1K_REPO_ID]
+    return [dataset] if dataset.count("/") == 1 and not Path(dataset).exists() else None
 
 
 def render_model_card(
@@ -61,7 +69,7 @@ def render_model_card(
     card_data = ModelCardData(
         library_name="diffusers",
         tags=tags + (["smoke-test"] if smoke_notice else []),
-        datasets=None if smoke_notice else [args.dataset],
+        datasets=None if smoke_notice else _hub_dataset_ids(args.dataset),
         base_model=args.pretrained_model if is_lora else None,
     )
     settings = dataclasses.asdict(args)
@@ -83,7 +91,7 @@ def render_model_card(
         encoder=args.encoder,
         model_size=args.model,
         resolution=args.resolution,
-        encoder_depth=args.encoder_depth if args.encoder_depth is not None else "(preset default)",
+        encoder_depth=args.encoder_depth,
         proj_coeff=args.proj_coeff,
         ema_decay=args.ema_decay,
         num_steps=num_steps,

@@ -131,6 +131,7 @@ class REPATrainer:
         )
         self.vae = AutoencoderKL.from_pretrained(args.vae).to(device).eval().requires_grad_(False)
         model = self._build_model(projection_dims=tuple(encoder.embed_dim for encoder in self.encoders))
+        self.args = args = dataclasses.replace(args, encoder_depth=model.config.encoder_depth)  # the preset's if unset
         if not args.interpolate_targets:
             for encoder in self.encoders:
                 check_token_grid(encoder, model.num_tokens)
