@@ -138,25 +138,15 @@ class REPATrainingArguments:
     )
 
     def __post_init__(self) -> None:
-        positive = {
-            "logging_steps": self.logging_steps,
-            "validation_steps": self.validation_steps,
-            "checkpointing_steps": self.checkpointing_steps,
-            "max_train_steps": self.max_train_steps,
-            "global_batch_size": self.global_batch_size,
-            "gradient_accumulation_steps": self.gradient_accumulation_steps,
-            "resolution": self.resolution,
-            "max_nonfinite_steps": self.max_nonfinite_steps,
-            "num_validation_images": self.num_validation_images,
-            "validation_inference_steps": self.validation_inference_steps,
-        }
-        optional_positive = {
-            "train_batch_size": self.train_batch_size,
-            "checkpoints_total_limit": self.checkpoints_total_limit,
-            "max_train_samples": self.max_train_samples,
-        }
-        for name, value in {**positive, **{k: v for k, v in optional_positive.items() if v is not None}}.items():
-            if value <= 0:
+        must_be_positive = (
+            "logging_steps", "validation_steps", "checkpointing_steps", "max_train_steps", "global_batch_size",
+            "gradient_accumulation_steps", "resolution", "max_nonfinite_steps", "num_validation_images",
+            "validation_inference_steps", "max_grad_norm", "train_batch_size", "checkpoints_total_limit",
+            "max_train_samples",
+        )  # fmt: skip
+        for name in must_be_positive:
+            value = getattr(self, name)
+            if value is not None and value <= 0:
                 raise ValueError(f"--{name} must be positive, got {value}.")
         if not 0.0 <= self.cfg_prob < 1.0:
             raise ValueError(f"--cfg_prob must be in [0, 1), got {self.cfg_prob}.")
@@ -165,8 +155,6 @@ class REPATrainingArguments:
                 "--cfg_prob 0 trains no null class, so guided sampling is impossible: "
                 "pass --validation_guidance_scale 1."
             )
-        if self.max_grad_norm <= 0:
-            raise ValueError(f"--max_grad_norm must be positive, got {self.max_grad_norm}.")
         if self.proj_coeff < 0:
             raise ValueError(f"--proj_coeff must be >= 0, got {self.proj_coeff}.")
         if self.lora_rank < 0:
@@ -192,7 +180,7 @@ def load_config_file(path: str | os.PathLike) -> dict:
     if not isinstance(values, dict):
         raise ValueError(f"{path} must hold a mapping of argument names to values, got {type(values).__name__}.")
     known = {f.name for f in dataclasses.fields(REPATrainingArguments)}
-    unknown = sorted(set(values) - known - {"config"})
+    unknown = sorted(set(values) - known)
     if unknown:
         raise ValueError(f"Unknown argument(s) {unknown} in {path}; valid names are the script's flags without '--'.")
     return values

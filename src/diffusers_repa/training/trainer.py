@@ -11,7 +11,11 @@ One optimizer step (the original REPA's, `train` below):
 
 Labels are dropped (→ null class) inside the model, which stays in train mode. t, the noise ε' of x_t and ε come
 from `self.generator` (seeded per process, saved in checkpoints); label dropout uses the global torch RNG, which
-accelerate saves and restores. A resumed run therefore continues exactly like an uninterrupted one.
+accelerate saves and restores; the loader's order depends only on (seed, epoch). A resumed run therefore continues
+exactly like an uninterrupted one.
+
+Device→host syncs: one per step, the check that the loss is finite (a NaN/Inf loss skips the update; too many in a
+row stop the run; fp16 adds the grad scaler's own). Logged values stay on the device until every `--logging_steps`.
 """
 
 from __future__ import annotations
