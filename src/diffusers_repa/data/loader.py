@@ -174,4 +174,7 @@ def make_train_dataloader(
         num_workers=num_workers,
         pin_memory=pin_memory,
         persistent_workers=num_workers > 0,
+        # Each new iterator draws a base seed from this generator; without one it would draw from the global RNG
+        # (which also drives label dropout), so a resumed run would diverge from an uninterrupted one.
+        generator=torch.Generator().manual_seed(seed),
     )

@@ -515,7 +515,7 @@ class REPATrainer:
             )
         if info.vae != args.vae:  # e.g. the same local VAE folder, moved
             logger.warning(f"The latent cache was encoded with VAE {info.vae!r}; this run decodes with {args.vae!r}.")
-        loader = make_train_dataloader(
+        return make_train_dataloader(
             load_latent_cache(cache_dir),
             self.per_device_batch_size,
             shuffle=True,
@@ -524,10 +524,6 @@ class REPATrainer:
             hflip=args.hflip,
             drop_last=True,
         )
-        # Creating a loader iterator draws a seed from the loader's `generator`, or else from the global RNG, which
-        # also drives label dropout; a resumed run creates one iterator more than an uninterrupted one.
-        loader.generator = torch.Generator().manual_seed(args.seed)
-        return loader
 
     def _latent_normalisation(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(shift, scale), each (1, C, 1, 1), of z = (x − shift)·scale, exactly as SiTPipeline inverts it."""
