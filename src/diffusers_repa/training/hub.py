@@ -12,8 +12,9 @@ from huggingface_hub import ModelCard, ModelCardData, create_repo, upload_folder
 from ..data import IMAGENET_1K_REPO_ID
 from .arguments import REPATrainingArguments
 
-# The Jinja template lives in the repository's model_cards/ folder.
-DEFAULT_MODEL_CARD_TEMPLATE = Path(__file__).resolve().parents[3] / "model_cards" / "sit_repa.md"
+# The Jinja template lives in the repository's model_cards/ folder; templates/sit_repa.md links to it so that it is
+# also package data of installed (non-editable) copies.
+DEFAULT_MODEL_CARD_TEMPLATE = Path(__file__).parent / "templates" / "sit_repa.md"
 
 # Settings worth a row in the card's table (the full set is in training_args.json next to the checkpoints).
 _CARD_SETTINGS = (
