@@ -513,7 +513,8 @@ class REPATrainer:
                 f"{info.latent_size}² latents (VAE {info.vae!r}, scaling {info.scaling_factor}), which --resolution "
                 f"{args.resolution} with --vae {args.vae!r} does not give; pass matching flags or another --cache_dir."
             )
-        if info.vae != args.vae:  # e.g. the same local VAE folder, moved
+        same_local_folder = Path(args.vae).exists() and Path(info.vae).resolve() == Path(args.vae).resolve()
+        if info.vae != args.vae and not same_local_folder:  # e.g. the same local VAE folder, moved
             logger.warning(f"The latent cache was encoded with VAE {info.vae!r}; this run decodes with {args.vae!r}.")
         return make_train_dataloader(
             load_latent_cache(cache_dir),
