@@ -5,11 +5,17 @@ Examples:
     python pipelines/convert_repa_to_diffusers.py --checkpoint last.pt --output sit-xl-repa/transformer
     # a checkpoint of the original train.py: EMA weights by default, encoder depth read from its args
     python pipelines/convert_repa_to_diffusers.py --checkpoint 0400000.pt --output out --model SiT-B/2
+    # a whole SiTPipeline (VAE, SDE scheduler, ImageNet class names), ready for sample.py / generate.py
+    python pipelines/convert_repa_to_diffusers.py --checkpoint last.pt --output sit-xl-repa --vae stabilityai/sd-vae-ft-ema
 """
 
 import argparse
 
+from diffusers import AutoencoderKL
+
 from diffusers_repa.conversion import convert_repa_checkpoint
+from diffusers_repa.pipelines import SiTPipeline, imagenet_id2label
+from diffusers_repa.schedulers import SiTSDEScheduler
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -17,12 +23,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--checkpoint", required=True, help="original .pt (state dict or train.py checkpoint) or .safetensors"
     )
-    parser.add_argument("--output", required=True, help="folder to write the converted model to")
+    parser.add_argument("--output", required=True, help="folder to write the converted transformer (or pipeline) to")
     parser.add_argument("--model", default=None, help="preset such as SiT-XL/2 (gives heads and encoder depth)")
     parser.add_argument("--num_heads", type=int, default=None, help="attention heads (not stored in the weights)")
     parser.add_argument("--encoder_depth", type=int, default=None, help="1-based block feeding the projectors")
     parser.add_argument(
         "--weights", choices=["ema", "model"], default="ema", help="which weights of a train.py checkpoint"
+    )
+    parser.add_argument(
+        "--vae", default=None, help="write a whole SiTPipeline with this AutoencoderKL (Hub id or folder) instead"
+    )
+    parser.add_argument(
+        "--path_type", choices=["linear", "cosine"], default="linear", help="the SDE scheduler's path (with --vae)"
     )
     return parser.parse_args(argv)
 
@@ -36,7 +48,14 @@ def main(argv=None) -> None:
         encoder_depth=args.encoder_depth,
         weights=args.weights,
     )
-    model.save_pretrained(args.output)
+    if args.vae is None:
+        model.save_pretrained(args.output)
+    else:
+        vae = AutoencoderKL.from_pretrained(args.vae)
+        # The original checkpoints are ImageNet models; other label sets can be given to SiTPipeline later.
+        labels = imagenet_id2label() if model.config.num_classes == 1000 else None
+        scheduler = SiTSDEScheduler(path_type=args.path_type)
+        SiTPipeline(transformer=model, vae=vae, scheduler=scheduler, id2label=labels).save_pretrained(args.output)
     config = model.config
     print(
         f"Converted {args.checkpoint} -> {args.output}: depth {config.depth}, width {config.hidden_size}, "

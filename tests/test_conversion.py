@@ -140,3 +140,28 @@ def test_namespace_args_are_the_only_extra_type(tmp_path):
     state, args = load_repa_checkpoint(path)
     assert args == {"encoder_depth": 2}
     assert_same_state(state, OFFICIAL)
+
+
+def test_conversion_cli_writes_a_whole_pipeline(tmp_path):
+    from diffusers import AutoencoderKL
+
+    from diffusers_repa.pipelines import SiTPipeline
+
+    vae = AutoencoderKL(
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 8, 8, 8),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+    )
+    vae.save_pretrained(tmp_path / "vae")
+    output = tmp_path / "pipeline"
+    convert_repa_to_diffusers.main(
+        ["--checkpoint", str(SIT_TINY / "train_checkpoint.pt"), "--output", str(output), "--num_heads", "4",
+         "--vae", str(tmp_path / "vae")]
+    )  # fmt: skip
+    pipe = SiTPipeline.from_pretrained(output)
+    assert pipe.get_label_ids(["golden retriever"]) == [207]
+    images = pipe([207], num_inference_steps=2, output_type="np").images
+    assert images.shape == (1, 64, 64, 3)
