@@ -143,19 +143,10 @@ def test_namespace_args_are_the_only_extra_type(tmp_path):
 
 
 def test_conversion_cli_writes_a_whole_pipeline(tmp_path):
-    from diffusers import AutoencoderKL
-
     from diffusers_repa.pipelines import SiTPipeline
+    from diffusers_repa.training.quickstart import save_tiny_random_vae
 
-    vae = AutoencoderKL(
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(8, 8, 8, 8),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=8,
-    )
-    vae.save_pretrained(tmp_path / "vae")
+    save_tiny_random_vae(tmp_path / "vae")
     output = tmp_path / "pipeline"
     convert_repa_to_diffusers.main(
         ["--checkpoint", str(SIT_TINY / "train_checkpoint.pt"), "--output", str(output), "--num_heads", "4",
