@@ -35,6 +35,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import (
+    DataLoaderConfiguration,
     DistributedDataParallelKwargs,
     GradientAccumulationPlugin,
     ProjectConfiguration,
@@ -104,6 +105,8 @@ class REPATrainer:
             gradient_accumulation_plugin=GradientAccumulationPlugin(
                 num_steps=args.gradient_accumulation_steps, sync_with_dataloader=False
             ),
+            # Batches come from pinned memory on CUDA (see `_latent_cache_loader`): copy them without blocking the host.
+            dataloader_config=DataLoaderConfiguration(non_blocking=True),
             # Once alignment stops, the projectors get no gradient, which DDP must be told about.
             kwargs_handlers=[
                 DistributedDataParallelKwargs(find_unused_parameters=args.alignment_stop_step is not None)
@@ -151,6 +154,7 @@ class REPATrainer:
             betas=(args.adam_beta1, args.adam_beta2),
             weight_decay=args.adam_weight_decay,
             eps=args.adam_epsilon,
+            fused=device.type == "cuda",  # one kernel for the whole update instead of one per tensor and operation
         )
         self.model, self.optimizer, self.train_dataloader = accelerator.prepare(model, optimizer, train_dataloader)
         self.unwrapped_model: SiTTransformer2DModel = accelerator.unwrap_model(self.model)
@@ -524,6 +528,7 @@ class REPATrainer:
             num_workers=args.dataloader_num_workers,
             hflip=args.hflip,
             drop_last=True,
+            pin_memory=self.accelerator.device.type == "cuda",
         )
 
     def _latent_normalisation(self) -> tuple[torch.Tensor, torch.Tensor]:
