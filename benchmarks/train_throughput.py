@@ -27,6 +27,7 @@ import contextlib
 import copy
 import logging
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, replace
 from typing import Any
@@ -399,8 +400,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 gradient_checkpointing=args.gradient_checkpointing,
             )
             step = bench.step_function(options)
+            start = time.perf_counter()
             step()  # compile / autotune / optimiser-state allocation outside the peak-memory window
             synchronize(device)
+            result["first_step_s"] = time.perf_counter() - start
             reset_peak_memory(device)
             seconds = time_blocks(step, device, **timing)
             memory, memory_kind = peak_memory(device)
@@ -421,19 +424,24 @@ def _ablate(bench: TrainingStepBenchmark, args: argparse.Namespace, flops_per_im
     rungs = ablation_steps(skip)
     groups = [[r for r in rungs if not r[2].compile], [r for r in rungs if r[2].compile]]
     seconds: dict[str, list[float]] = {name: [] for name, _, _ in rungs}
+    warmup_seconds: dict[str, float] = {}
     for group in groups:
         steps = {}
         for name, _, options in group:
             steps[name] = bench.step_function(options)
+            start = time.perf_counter()
             time_blocks(steps[name], bench.device, warmup=args.warmup, iterations=1, repeats=1)  # compile, state
-        for _ in range(args.repeats):
+            warmup_seconds[name] = time.perf_counter() - start
+            logger.info("%s: warm-up (compilation included) took %.1f s", name, warmup_seconds[name])
+        for repeat in range(args.repeats):
             for name, _, _ in group:
                 seconds[name] += time_blocks(
                     steps[name], bench.device, warmup=1, iterations=args.iterations, repeats=1
                 )  # one warm-up step: the previous rung may have used another optimiser / encoder copy
+                logger.info("repeat %d/%d, %s: %.4g s/step", repeat + 1, args.repeats, name, seconds[name][-1])
     records, baseline, previous = [], None, None
     for name, description, options in rungs:
-        record = {"step": name, "description": description, **asdict(options)}
+        record = {"step": name, "description": description, **asdict(options), "warmup_s": warmup_seconds[name]}
         record.update(_throughput_record(bench, seconds[name], flops_per_image, options.precision))
         baseline = baseline or record["step_time_s"]
         record["speedup_vs_baseline"] = baseline / record["step_time_s"]
