@@ -11,12 +11,15 @@ import pytest
 import torch
 from benchmarks import sampling_throughput, train_throughput
 from benchmarks.common import peak_tflops
+from diffusers import AutoencoderKL
 from huggingface_hub import try_to_load_from_cache
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from diffusers_repa.encoders import load_encoder, save_tiny_random_encoder
 from diffusers_repa.models.transformer_sit import SiTTransformer2DModel
+from diffusers_repa.pipelines.pipeline_sit import SiTPipeline
+from diffusers_repa.schedulers import SiTSDEScheduler
 from diffusers_repa.training.quickstart import save_tiny_random_vae
 
 TINY_SIT = ["--preset", "SiT-S/2", "--depth", "2", "--hidden_size", "64", "--num_attention_heads", "2"]
@@ -99,8 +102,9 @@ def test_peak_table_by_device_name(monkeypatch):
     assert peak_tflops(torch.device("cpu"), "bf16")[0] is None
 
 
-def test_train_throughput_main(tiny_encoder_path, tmp_path):
-    argv = TINY_SIT + CPU_RUN + ["--encoder_depth", "1", "--encoder", str(tiny_encoder_path), "--precision", "fp32"]
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])  # fp16 goes through the GradScaler
+def test_train_throughput_main(tiny_encoder_path, tmp_path, precision):
+    argv = TINY_SIT + CPU_RUN + ["--encoder_depth", "1", "--encoder", str(tiny_encoder_path), "--precision", precision]
     argv += ["--fused_adamw", "--warmup", "1", "--iterations", "1", "--repeats", "2", "--output", str(tmp_path)]
     result = train_throughput.main(argv)
 
@@ -111,7 +115,8 @@ def test_train_throughput_main(tiny_encoder_path, tmp_path):
     )
     assert len(result["step_time_s_all"]) == 2
     assert result["images_per_s"] == pytest.approx(2 / result["step_time_s"])
-    assert result["fused_adamw"] and result["precision"] == "fp32" and result["mfu"] is None  # no CPU peak table
+    assert result["fused_adamw"] and result["precision"] == precision and result["mfu"] is None  # no CPU peak table
+    assert result["model"] == "SiT-S/2 (depth=2, hidden_size=64, num_attention_heads=2, encoder_depth=1)"
     # 3 × SiT forward + one encoder forward.
     assert result["train_gflops_per_image"] > 3 * result["sit_forward_gflops_per_image"]
 
@@ -173,6 +178,19 @@ def test_sampling_throughput_with_vae_decode(tmp_path):
     # Heun, 2 steps: predictor + corrector on the first step, Euler on the last; all guided (interval = everything).
     assert result["model_evaluations_per_image"] == result["model_evaluations_per_image_cfg_everywhere"] == 6
     _assert_positive_finite(result, ["images_per_s", "peak_memory_gib"])
+
+
+def test_sampling_throughput_of_a_saved_pipeline(tmp_path):
+    transformer = SiTTransformer2DModel.from_preset(
+        "SiT-S/2", depth=1, hidden_size=32, num_attention_heads=2, sample_size=8, projection_dims=()
+    )
+    vae = AutoencoderKL.from_pretrained(save_tiny_random_vae(tmp_path / "vae"))
+    SiTPipeline(transformer, vae, SiTSDEScheduler()).save_pretrained(tmp_path / "pipeline")
+    argv = ["--pipeline", str(tmp_path / "pipeline"), "--vae", "none", "--sampler", "ode-euler", "--steps", "2"]
+    result = sampling_throughput.main(argv + CPU_RUN + ["--repeats", "1"])
+
+    assert result["model"] == f"{tmp_path / 'pipeline'}, no VAE decode" and result["decode"] is False
+    assert result["sampler"] == "ode-euler" and result["model_evaluations_per_image_cfg_everywhere"] == 4
 
 
 def test_sampling_needs_guidance():
