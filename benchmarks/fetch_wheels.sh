@@ -4,7 +4,8 @@
 #
 #   bash benchmarks/fetch_wheels.sh          # what the lent 'cuda' image lacks (a few MiB; fits a 64 MiB carry)
 #   bash benchmarks/fetch_wheels.sh --all    # everything beyond torch, transformers, accelerate and their own
-#                                            # dependencies (adds pyarrow, pandas, scipy, ...: about 100 MiB)
+#                                            # dependencies (adds pyarrow, pandas, scipy, ...: about 115 MiB,
+#                                            # more than the 64 MiB one call of the device tool can carry)
 #
 # Versions are pinned to the ones installed in the project's venv (tested here). The wheels are for CPython 3.12 on
 # x86-64 Linux (the lent machines' python3). gpu_bench.sh installs only the ones whose distribution is missing there,
@@ -18,7 +19,7 @@ PYTHON=${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo pyth
 PACKAGES=(diffusers datasets dill multiprocess evaluate importlib_metadata)
 if [[ "${1:-}" == "--all" ]]; then
   # Also present on the lent image, but not pulled in by torch / transformers / accelerate themselves.
-  PACKAGES+=(peft pyarrow pandas python-dateutil six tzdata xxhash pillow requests charset-normalizer idna urllib3
+  PACKAGES+=(peft pyarrow pandas python-dateutil tzdata xxhash pillow requests charset-normalizer idna urllib3
     certifi scipy zipp)
 elif [[ $# -gt 0 ]]; then
   echo "usage: $0 [--all]" >&2
