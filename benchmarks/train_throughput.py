@@ -420,7 +420,7 @@ def _ablate(bench: TrainingStepBenchmark, args: argparse.Namespace, flops_per_im
     """Time every rung; eager rungs first, then compiled ones, each group with its repeats interleaved."""
     skip = tuple(args.ablate_skip)
     if bench.device.type == "cpu" and "compile" not in skip and not args.ablate_compile_on_cpu:
-        skip += ("compile",)  # inductor's CPU compile of a large model takes minutes on few cores; opt in
+        skip += ("compile",)  # inductor compiles C++ for the CPU: slow on a few cores, so opt in
     rungs = ablation_steps(skip)
     groups = [[r for r in rungs if not r[2].compile], [r for r in rungs if r[2].compile]]
     seconds: dict[str, list[float]] = {name: [] for name, _, _ in rungs}
