@@ -160,7 +160,7 @@ class REPATrainer:
         self.unwrapped_model: SiTTransformer2DModel = accelerator.unwrap_model(self.model)
         self.trainable_params = [param for param in self.unwrapped_model.parameters() if param.requires_grad]
         if args.compile:
-            self.unwrapped_model.compile_repeated_blocks()
+            self.unwrapped_model.compile_repeated_blocks(fullgraph=True)  # a graph break is a bug: fail loudly
 
         # From here on every process draws its own random numbers: label dropout from the global RNG; t, the noise
         # of x_t and the posterior noise from `self.generator`.
