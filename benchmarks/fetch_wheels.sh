@@ -2,10 +2,12 @@
 # Download into .whl/ (git-ignored) the wheels that benchmarks/gpu_bench.sh installs on a GPU machine without
 # network access. Run here, from any directory, with network access to PyPI:
 #
-#   bash benchmarks/fetch_wheels.sh          # what the lent 'cuda' image lacks (a few MiB; fits a 64 MiB carry)
-#   bash benchmarks/fetch_wheels.sh --all    # everything beyond torch, transformers, accelerate and their own
-#                                            # dependencies (adds pyarrow, pandas, scipy, ...: about 115 MiB,
-#                                            # more than the 64 MiB one call of the device tool can carry)
+#   bash benchmarks/fetch_wheels.sh
+#
+# The benchmarks import only the model, loss, encoders, schedulers, pipeline and EMA (the package's exports are lazy,
+# so datasets, peft, evaluate, ... are never imported). On a machine with only torch, transformers and accelerate
+# they need diffusers and the few dependencies of diffusers those three do not bring: a few MiB, well inside one
+# device call's 64 MiB carry.
 #
 # Versions are pinned to the ones installed in the project's venv (tested here). The wheels are for CPython 3.12 on
 # x86-64 Linux (the lent machines' python3). gpu_bench.sh installs only the ones whose distribution is missing there,
@@ -15,16 +17,8 @@ cd "$(dirname "$0")/.."
 
 PYTHON=${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}
 
-# Imported by `diffusers_repa` (through the benchmarks' imports) and missing from the lent image.
-PACKAGES=(diffusers datasets dill multiprocess evaluate importlib_metadata)
-if [[ "${1:-}" == "--all" ]]; then
-  # Also present on the lent image, but not pulled in by torch / transformers / accelerate themselves.
-  PACKAGES+=(peft pyarrow pandas python-dateutil tzdata xxhash pillow requests charset-normalizer idna urllib3
-    certifi scipy zipp)
-elif [[ $# -gt 0 ]]; then
-  echo "usage: $0 [--all]" >&2
-  exit 2
-fi
+# diffusers and what it requires beyond torch / transformers / accelerate and their own dependencies.
+PACKAGES=(diffusers importlib_metadata zipp pillow requests charset-normalizer idna urllib3 certifi)
 
 pins=()
 for name in "${PACKAGES[@]}"; do

@@ -4,7 +4,7 @@ Public names are imported lazily, so ``import diffusers_repa`` stays cheap and d
 ``["diffusers_repa", "SiTTransformer2DModel"]`` entries of a ``model_index.json``.
 """
 
-import importlib
+from ._lazy import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -49,17 +49,4 @@ _LAZY_EXPORTS = {
         "precision_recall",
     ],
 }
-_NAME_TO_MODULE = {name: module for module, names in _LAZY_EXPORTS.items() for name in names}
-__all__ = sorted(_NAME_TO_MODULE)
-
-
-def __getattr__(name: str):
-    if name not in _NAME_TO_MODULE:
-        raise AttributeError(f"module 'diffusers_repa' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{_NAME_TO_MODULE[name]}", __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__():
-    return sorted(list(globals()) + __all__)
+__all__, __getattr__, __dir__ = lazy_exports(__name__, _LAZY_EXPORTS)

@@ -1,25 +1,18 @@
-"""Training SiT with REPA: arguments, the trainer, and its small helpers (EMA, checkpoints, model card)."""
+"""Training SiT with REPA: arguments, the trainer, and its small helpers (EMA, checkpoints, model card).
 
-from .arguments import REPATrainingArguments, load_config_file, parse_training_args
-from .checkpointing import list_checkpoints, resolve_checkpoint, save_checkpoint
-from .ema import EMA
-from .hub import push_export_to_hub, render_model_card
-from .preflight import SourcesUnreachableError, check_sources_reachable
-from .trainer import LORA_TARGET_MODULES, NonFiniteLossError, REPATrainer
+Exports are lazy: ``from diffusers_repa.training.ema import EMA`` does not import the trainer and its data stack.
+"""
 
-__all__ = [
-    "EMA",
-    "LORA_TARGET_MODULES",
-    "NonFiniteLossError",
-    "REPATrainer",
-    "REPATrainingArguments",
-    "SourcesUnreachableError",
-    "check_sources_reachable",
-    "list_checkpoints",
-    "load_config_file",
-    "parse_training_args",
-    "push_export_to_hub",
-    "render_model_card",
-    "resolve_checkpoint",
-    "save_checkpoint",
-]
+from .._lazy import lazy_exports
+
+__all__, __getattr__, __dir__ = lazy_exports(
+    __name__,
+    {
+        "arguments": ["REPATrainingArguments", "load_config_file", "parse_training_args"],
+        "checkpointing": ["list_checkpoints", "resolve_checkpoint", "save_checkpoint"],
+        "ema": ["EMA"],
+        "hub": ["push_export_to_hub", "render_model_card"],
+        "preflight": ["SourcesUnreachableError", "check_sources_reachable"],
+        "trainer": ["LORA_TARGET_MODULES", "NonFiniteLossError", "REPATrainer"],
+    },
+)
