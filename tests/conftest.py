@@ -35,6 +35,40 @@ def load_script(relative_path: str) -> ModuleType:
     return module
 
 
+def tiny_sit_pipeline(latent_size: int, depth: int, num_classes: int):
+    """A randomly initialised (seed 0) SiTPipeline that runs in milliseconds: a two-level VAE (images are twice the
+    latent side), a width-32 SiT with one 8-d projector after block 1, and the SDE scheduler."""
+    from diffusers import AutoencoderKL
+
+    from diffusers_repa.models import SiTTransformer2DModel
+    from diffusers_repa.pipelines import SiTPipeline
+    from diffusers_repa.schedulers import SiTSDEScheduler
+
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        vae = AutoencoderKL(
+            down_block_types=("DownEncoderBlock2D",) * 2,
+            up_block_types=("UpDecoderBlock2D",) * 2,
+            block_out_channels=(8, 16),
+            layers_per_block=1,
+            latent_channels=4,
+            norm_num_groups=8,
+            sample_size=2 * latent_size,
+        )
+        transformer = SiTTransformer2DModel(
+            sample_size=latent_size,
+            patch_size=2,
+            hidden_size=32,
+            depth=depth,
+            num_attention_heads=2,
+            num_classes=num_classes,
+            encoder_depth=1,
+            projector_dim=16,
+            projection_dims=(8,),
+        )
+    return SiTPipeline(transformer=transformer, vae=vae, scheduler=SiTSDEScheduler())
+
+
 @pytest.fixture(scope="session")
 def sit_tiny_meta() -> dict:
     return json.loads((SIT_TINY / "meta.json").read_text())

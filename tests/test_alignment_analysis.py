@@ -6,7 +6,7 @@ import torch
 
 from diffusers_repa.evaluation import cka, cknna, linear_probe_accuracy
 
-from .conftest import load_script
+from .conftest import load_script, tiny_sit_pipeline
 
 
 def reference_cknna(a, b, k, eps=1e-6):
@@ -138,37 +138,10 @@ def test_linear_probe_separates_clusters_and_is_reproducible():
 @pytest.fixture(scope="module")
 def tiny_models(tmp_path_factory):
     """A saved tiny pipeline (32 px images, 16×16×4 latents, 3 blocks) and a tiny random DINOv2 folder."""
-    from diffusers import AutoencoderKL
-
     from diffusers_repa.encoders import save_tiny_random_encoder
-    from diffusers_repa.models.transformer_sit import SiTTransformer2DModel
-    from diffusers_repa.pipelines.pipeline_sit import SiTPipeline
-    from diffusers_repa.schedulers.scheduling_sit_sde import SiTSDEScheduler
 
     root = tmp_path_factory.mktemp("alignment_models")
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        vae = AutoencoderKL(
-            down_block_types=("DownEncoderBlock2D",) * 2,
-            up_block_types=("UpDecoderBlock2D",) * 2,
-            block_out_channels=(8, 16),
-            layers_per_block=1,
-            latent_channels=4,
-            norm_num_groups=8,
-            sample_size=32,
-        )
-        transformer = SiTTransformer2DModel(
-            sample_size=16,
-            patch_size=2,
-            hidden_size=32,
-            depth=3,
-            num_attention_heads=2,
-            num_classes=4,
-            encoder_depth=1,
-            projector_dim=16,
-            projection_dims=(8,),
-        )
-    SiTPipeline(transformer=transformer, vae=vae, scheduler=SiTSDEScheduler()).save_pretrained(root / "pipeline")
+    tiny_sit_pipeline(latent_size=16, depth=3, num_classes=4).save_pretrained(root / "pipeline")
     save_tiny_random_encoder("dinov2", root / "encoder", hidden_size=16, num_hidden_layers=1)
     return root
 

@@ -7,16 +7,13 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from diffusers import AutoencoderKL
 
 from diffusers_repa.evaluation.generate import GENERATION_CONFIG_NAME, generate_samples, sample_labels
 from diffusers_repa.evaluation.image_io import read_image_file
-from diffusers_repa.models.transformer_sit import SiTTransformer2DModel
 from diffusers_repa.pipelines.pipeline_sit import SiTPipeline
 from diffusers_repa.schedulers.scheduling_sit_ode import SiTODEScheduler
-from diffusers_repa.schedulers.scheduling_sit_sde import SiTSDEScheduler
 
-from .conftest import load_script
+from .conftest import load_script, tiny_sit_pipeline
 
 SETTINGS = {"num_inference_steps": 3, "guidance_scale": 1.5, "guidance_interval": (0.0, 0.7), "show_progress": False}
 
@@ -25,29 +22,7 @@ SETTINGS = {"num_inference_steps": 3, "guidance_scale": 1.5, "guidance_interval"
 def tiny_pipeline_dir(tmp_path_factory):
     """A saved 16 px pipeline: 2-block SiT on 8×8×4 latents, 10 classes, a two-level VAE."""
     path = tmp_path_factory.mktemp("tiny_pipeline")
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        vae = AutoencoderKL(
-            down_block_types=("DownEncoderBlock2D",) * 2,
-            up_block_types=("UpDecoderBlock2D",) * 2,
-            block_out_channels=(8, 16),
-            layers_per_block=1,
-            latent_channels=4,
-            norm_num_groups=8,
-            sample_size=16,
-        )
-        transformer = SiTTransformer2DModel(
-            sample_size=8,
-            patch_size=2,
-            hidden_size=32,
-            depth=2,
-            num_attention_heads=2,
-            num_classes=10,
-            encoder_depth=1,
-            projector_dim=16,
-            projection_dims=(8,),
-        )
-    SiTPipeline(transformer=transformer, vae=vae, scheduler=SiTSDEScheduler()).save_pretrained(path)
+    tiny_sit_pipeline(latent_size=8, depth=2, num_classes=10).save_pretrained(path)
     return path
 
 
