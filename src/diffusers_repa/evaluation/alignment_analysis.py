@@ -30,6 +30,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from ..interpolants import interpolate
+from ..latents import vae_latent_shift_and_scale
 from .alignment import cka, cknna, linear_probe_accuracy
 from .image_io import open_image_set
 
@@ -47,13 +48,9 @@ class BlockAlignment:
 
 
 def _encode_latents(vae, pixels: torch.Tensor) -> torch.Tensor:
-    config = vae.config
     posterior_mean = vae.encode(pixels.to(vae.dtype)).latent_dist.mean.float()
-    if config.get("latents_mean") is not None and config.get("latents_std") is not None:
-        mean = torch.tensor(config.latents_mean).view(1, -1, 1, 1).to(posterior_mean)
-        std = torch.tensor(config.latents_std).view(1, -1, 1, 1).to(posterior_mean)
-        return (posterior_mean - mean) * config.scaling_factor / std
-    return (posterior_mean - (config.get("shift_factor") or 0.0)) * config.scaling_factor
+    shift, scale = (value.to(posterior_mean) for value in vae_latent_shift_and_scale(vae.config))
+    return (posterior_mean - shift) * scale
 
 
 @torch.no_grad()

@@ -19,6 +19,7 @@ from diffusers.pipelines.pipeline_utils import DiffusionPipeline, ImagePipelineO
 from diffusers.utils.torch_utils import randn_tensor
 from huggingface_hub import snapshot_download
 
+from ..latents import vae_latent_shift_and_scale
 from ..models.transformer_sit import SiTTransformer2DModel
 from ..schedulers.scheduling_sit_ode import SiTODEScheduler
 from ..schedulers.scheduling_sit_sde import SiTSDEScheduler
@@ -212,16 +213,10 @@ class SiTPipeline(DiffusionPipeline, SiTLoraLoaderMixin):
             raise ValueError(f"callback_on_step_end_tensor_inputs {unknown} not in {self._callback_tensor_inputs}.")
 
     def _decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Images in [-1, 1] from latents ``z``, inverting ``z = (x − shift)·scale`` or ``(x − mean)·scale / std``."""
-        config = self.vae.config
+        """Images in [-1, 1] from latents ``z``, inverting ``z = (x − shift)·scale`` (see `diffusers_repa.latents`)."""
         latents = latents.to(self.vae.dtype)
-        if config.get("latents_mean") is not None and config.get("latents_std") is not None:
-            mean = torch.tensor(config.latents_mean).view(1, -1, 1, 1).to(latents)
-            std = torch.tensor(config.latents_std).view(1, -1, 1, 1).to(latents)
-            latents = latents * std / config.scaling_factor + mean
-        else:
-            latents = latents / config.scaling_factor + (config.get("shift_factor") or 0.0)
-        return self.vae.decode(latents).sample
+        shift, scale = (value.to(latents) for value in vae_latent_shift_and_scale(self.vae.config))
+        return self.vae.decode(latents / scale + shift).sample
 
     @torch.no_grad()
     def __call__(

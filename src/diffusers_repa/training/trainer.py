@@ -49,6 +49,7 @@ from tqdm.auto import tqdm
 
 from ..data import CACHE_INFO_FILE, build_latent_cache, load_latent_cache, make_train_dataloader, read_cache_info
 from ..encoders import check_token_grid, interpolate_tokens, load_encoders
+from ..latents import latent_shift_and_scale
 from ..losses import REPALossOutput, repa_loss
 from ..models.transformer_sit import SiTTransformer2DModel
 from ..pipelines.pipeline_sit import SiTPipeline
@@ -532,14 +533,11 @@ class REPATrainer:
         )
 
     def _latent_normalisation(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(shift, scale), each (1, C, 1, 1), of z = (x − shift)·scale, exactly as SiTPipeline inverts it."""
-        info, channels = self.cache_info, (1, self.cache_info.latent_channels, 1, 1)
-        if info.latents_mean is not None and info.latents_std is not None:
-            shift = torch.tensor(info.latents_mean).view(channels)
-            scale = info.scaling_factor / torch.tensor(info.latents_std).view(channels)
-        else:
-            shift = torch.full(channels, info.shift_factor or 0.0)
-            scale = torch.full(channels, info.scaling_factor)
+        """(shift, scale) of z = (x − shift)·scale, exactly as SiTPipeline inverts it."""
+        info = self.cache_info
+        shift, scale = latent_shift_and_scale(
+            info.scaling_factor, info.shift_factor, info.latents_mean, info.latents_std
+        )
         return shift.to(self.accelerator.device), scale.to(self.accelerator.device)
 
     def _start_run_records(self) -> None:
