@@ -8,7 +8,7 @@ of images the transformer actually processed (counted by a forward hook).
 Run from the repository root:
 
     python -m benchmarks.sampling_throughput --preset SiT-XL/2 --sampler sde --steps 250 --guidance_scale 1.8 \
-        --guidance_interval 0 0.7 --batch_size 16 --precision bf16 --compile
+        --guidance_interval 0 0.7 --batch_size 16 --precision bf16 --compile cuda_graphs
 
 Without `--pipeline`, the transformer is a randomly initialised preset (speed does not depend on the weights). The
 VAE is `--vae` (default SD-VAE ft-EMA) when it can be loaded, else a random VAE of SD-VAE's architecture (same decode
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import time
 from typing import Any
 
 import torch
@@ -42,7 +43,7 @@ from benchmarks.common import (
     write_report,
 )
 from diffusers_repa.models.transformer_sit import SiTTransformer2DModel
-from diffusers_repa.pipelines.pipeline_sit import SiTPipeline
+from diffusers_repa.pipelines.pipeline_sit import COMPILE_MODES, SiTPipeline
 from diffusers_repa.schedulers import SiTODEScheduler, SiTSDEScheduler
 
 logger = logging.getLogger(__name__)
@@ -103,11 +104,14 @@ def build_pipeline(args: argparse.Namespace, device: torch.device) -> tuple[SiTP
 
 
 class _ImageCounter:
-    """Counts the images (batch rows) that go through the transformer: a doubled CFG batch counts twice."""
+    """Counts the images (batch rows) that go through the transformer: a doubled CFG batch counts twice.
+
+    Only for an eager transformer: a compiled forward would bake the hook's Python side effect into its graph.
+    """
 
     def __init__(self, module: torch.nn.Module):
         self.count = 0
-        module.register_forward_pre_hook(self)
+        self.handle = module.register_forward_pre_hook(self)
 
     def __call__(self, module: torch.nn.Module, args: tuple) -> None:
         self.count += args[0].shape[0]
@@ -120,10 +124,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.guidance_scale <= 1:
         raise ValueError("--guidance_scale must be > 1: the benchmark compares guidance intervals.")
     pipeline, label = build_pipeline(args, device)
-    counter = _ImageCounter(pipeline.transformer)
-    if args.compile:
-        # Static shapes: the guided (2N) and unguided (N) batches each get their own graph.
-        pipeline.transformer.compile_repeated_blocks(fullgraph=True, dynamic=False)
     generator = torch.Generator(device).manual_seed(args.seed)
     labels = torch.randint(0, pipeline.transformer.config.num_classes, (args.batch_size,), generator=generator,
                            device=device).tolist()  # fmt: skip
@@ -131,7 +131,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     def sample(interval: tuple[float, float]) -> torch.Tensor:
         with torch.autocast(device.type, dtype=PRECISIONS[args.precision], enabled=args.precision != "fp32"):
-            return pipeline(
+            images = pipeline(
                 labels,
                 num_inference_steps=args.steps,
                 guidance_scale=args.guidance_scale,
@@ -139,21 +139,39 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 generator=generator,
                 output_type=output_type,
             ).images
-
-    variants = {"everywhere": FULL_INTERVAL, "interval": (low, high)}
-    images_through_model = {}
-    for name, interval in variants.items():  # warm-up: compilation of both batch shapes, cuDNN autotuning
-        counter.count = 0
-        images = sample(interval)
-        images_through_model[name] = counter.count / args.batch_size
         if not torch.isfinite(images).all():
             raise RuntimeError(f"Sampling with guidance interval {interval} produced non-finite values.")
+        return images
+
+    def time_calls(repeats: int) -> dict[str, list[float]]:
+        seconds: dict[str, list[float]] = {name: [] for name in variants}
+        for _ in range(repeats):  # the two variants interleaved
+            for name, interval in variants.items():
+                seconds[name] += time_blocks(lambda i=interval: sample(i), device, warmup=0, iterations=1, repeats=1)
+        return seconds
+
+    variants = {"everywhere": FULL_INTERVAL, "interval": (low, high)}
+    # Eager first: a warm-up call per variant that also counts the images through the model, then (when a compiled
+    # run follows) one timed eager call each, the reference for the compile speed-up.
+    counter = _ImageCounter(pipeline.transformer)
+    images_through_model = {}
+    for name, interval in variants.items():
+        counter.count = 0
+        sample(interval)
+        images_through_model[name] = counter.count / args.batch_size
+    counter.handle.remove()
+    eager_seconds = compile_seconds = None
+    if args.compile != "none":
+        eager_seconds = time_calls(1)
+        start = time.perf_counter()
+        pipeline.compile_transformer(args.compile)
+        for interval in variants.values():  # compiles a graph for both batch shapes (guided 2N and plain N)
+            sample(interval)
+        synchronize(device)
+        compile_seconds = time.perf_counter() - start
     synchronize(device)
     reset_peak_memory(device)
-    seconds: dict[str, list[float]] = {name: [] for name in variants}
-    for _ in range(args.repeats):
-        for name, interval in variants.items():
-            seconds[name] += time_blocks(lambda i=interval: sample(i), device, warmup=0, iterations=1, repeats=1)
+    seconds = time_calls(args.repeats)
     memory, memory_kind = peak_memory(device)
 
     per_call = {name: median(values) for name, values in seconds.items()}
@@ -171,6 +189,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "precision": args.precision,
         "compile": args.compile,
         "decode": pipeline.vae is not None,
+        "first_compiled_calls_s": compile_seconds,
+        "eager_seconds_per_call": median(eager_seconds["interval"]) if eager_seconds else None,
+        "compile_speedup": median(eager_seconds["interval"]) / per_call["interval"] if eager_seconds else None,
         "repeats": args.repeats,
         "seconds_per_call": per_call["interval"],
         "seconds_per_call_all": seconds["interval"],
@@ -208,6 +229,7 @@ def _markdown(result: dict[str, Any]) -> str:
         ("images_per_s_cfg_everywhere", "images/s, CFG on [0,1]"),
         ("interval_speedup", "interval speed-up"),
         ("expected_interval_speedup", "expected (model images)"),
+        ("compile_speedup", "× eager"),
     )
     low, high = result["guidance_interval"]
     return markdown_table([{**result, "interval": f"[{low:g}, {high:g}]"}], columns)
@@ -224,7 +246,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--guidance_interval", type=float, nargs=2, default=(0.0, 0.7), metavar=("LOW", "HIGH"))
     parser.add_argument("--batch_size", type=int, default=16, help="Images per pipeline call.")
     parser.add_argument("--precision", choices=sorted(PRECISIONS), default="bf16", help="Autocast dtype.")
-    parser.add_argument("--compile", action="store_true", help="Regional torch.compile of the blocks.")
+    parser.add_argument(
+        "--compile",
+        choices=("none", *COMPILE_MODES),
+        default="none",
+        help="SiTPipeline.compile_transformer mode: blocks (regional), graph (whole forward), cuda_graphs.",
+    )
     parser.add_argument("--repeats", type=int, default=3, help="Timed calls per guidance interval (median).")
     add_run_arguments(parser, "sampling_throughput.json/.md")
     return parser

@@ -6,7 +6,8 @@ interrupted run resumes where it stopped (existing PNGs are kept).
 Examples:
     # the paper's FID 1.42 setting (SiT-XL/2 + REPA, 4M iterations): SDE, 250 steps, CFG 1.8 on t in [0, 0.7]
     accelerate launch --num_processes 8 pipelines/generate.py --pipeline sit-xl-2-repa --output_dir samples \\
-        --sampler sde --steps 250 --guidance_scale 1.8 --guidance_interval 0 0.7 --mixed_precision bf16
+        --sampler sde --steps 250 --guidance_scale 1.8 --guidance_interval 0 0.7 --mixed_precision bf16 \\
+        --compile cuda_graphs
     # ODE with Heun, balanced classes (50 per class)
     accelerate launch pipelines/generate.py --pipeline sit-xl-2-repa --output_dir samples_ode --sampler ode --heun \\
         --steps 50 --label_sampling equal
@@ -15,6 +16,7 @@ Examples:
 import argparse
 
 from diffusers_repa.evaluation.generate import generate_samples
+from diffusers_repa.pipelines import COMPILE_MODES
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -40,6 +42,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--label_sampling", choices=["random", "equal"], default="random")
     parser.add_argument("--path_type", choices=["linear", "cosine"], default=None, help="SDE interpolant")
     parser.add_argument("--mixed_precision", choices=["no", "bf16", "fp16"], default="no")
+    parser.add_argument(
+        "--compile",
+        choices=COMPILE_MODES,
+        default=None,
+        help="compile the transformer: blocks (regional), graph (whole forward) or cuda_graphs (graph + CUDA graphs)",
+    )
     return parser.parse_args(argv)
 
 
@@ -60,6 +68,7 @@ def main(argv=None) -> None:
         path_type=args.path_type,
         npz_path=args.npz,
         mixed_precision=args.mixed_precision,
+        compile_mode=args.compile,
     )
     if npz_path is not None:
         print(f"Wrote {args.num_samples} samples to {args.output_dir} and {npz_path}")

@@ -155,13 +155,25 @@ def test_ablation_rejects_unknown_step():
 
 
 def test_sampling_throughput_counts_guided_evaluations(tmp_path):
+    # Compiled: the images are counted on the eager model first, so the count must still be right.
     argv = TINY_SIT + CPU_RUN + ["--vae", "none", "--sampler", "sde", "--steps", "2", "--repeats", "1"]
-    result = sampling_throughput.main(argv + ["--precision", "fp32", "--output", str(tmp_path)])
+    result = sampling_throughput.main(argv + ["--precision", "fp32", "--compile", "blocks", "--output", str(tmp_path)])
 
     assert json.loads((tmp_path / "sampling_throughput.json").read_text()) == result
     _assert_positive_finite(
-        result, ["seconds_per_call", "images_per_s", "images_per_s_cfg_everywhere", "interval_speedup"]
+        result,
+        [
+            "seconds_per_call",
+            "images_per_s",
+            "images_per_s_cfg_everywhere",
+            "interval_speedup",
+            "eager_seconds_per_call",
+            "compile_speedup",
+            "first_compiled_calls_s",
+        ],
     )
+    assert result["compile"] == "blocks"
+    assert result["compile_speedup"] == pytest.approx(result["eager_seconds_per_call"] / result["seconds_per_call"])
     # SDE times [1, 0.04]: with the interval (0, 0.7) only the second step is guided (1 + 2 images), else 2 + 2.
     assert result["model_evaluations_per_image"] == 3
     assert result["model_evaluations_per_image_cfg_everywhere"] == 4
@@ -174,7 +186,7 @@ def test_sampling_throughput_with_vae_decode(tmp_path):
     argv = TINY_SIT + CPU_RUN + ["--vae", str(vae), "--sampler", "ode-heun", "--steps", "2", "--repeats", "1"]
     result = sampling_throughput.main(argv + ["--guidance_interval", "0", "1"])
 
-    assert result["decode"] is True
+    assert result["decode"] is True and result["compile"] == "none" and result["compile_speedup"] is None
     # Heun, 2 steps: predictor + corrector on the first step, Euler on the last; all guided (interval = everything).
     assert result["model_evaluations_per_image"] == result["model_evaluations_per_image_cfg_everywhere"] == 6
     _assert_positive_finite(result, ["images_per_s", "peak_memory_gib"])

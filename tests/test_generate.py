@@ -136,8 +136,16 @@ def test_balanced_generation_and_ode_sampler(tiny_pipeline_dir, tmp_path):
         generate_samples(pipeline, tmp_path / "bad", num_samples=2, sampler="sde", heun=True, **SETTINGS)
 
 
-def test_generate_cli(tiny_pipeline_dir, tmp_path, capsys):
+def test_generate_cli(tiny_pipeline_dir, tmp_path, capsys, monkeypatch):
     script = load_script("pipelines/generate.py")
+    compile_modes = []
+    compile_transformer = SiTPipeline.compile_transformer
+
+    def recording_compile(pipeline, mode):
+        compile_modes.append(mode)
+        compile_transformer(pipeline, mode)
+
+    monkeypatch.setattr(SiTPipeline, "compile_transformer", recording_compile)
     script.main(
         [
             "--pipeline",
@@ -155,8 +163,24 @@ def test_generate_cli(tiny_pipeline_dir, tmp_path, capsys):
             "0.7",
             "--npz",
             str(tmp_path / "s.npz"),
+            "--compile",
+            "blocks",
         ]
     )
     assert "Wrote 3 samples" in capsys.readouterr().out
-    with np.load(tmp_path / "s.npz") as stored:
+    assert compile_modes == ["blocks"]
+    eager = generate_samples(
+        tiny_pipeline_dir,
+        tmp_path / "eager",
+        num_samples=3,
+        num_inference_steps=2,
+        guidance_scale=1.8,
+        guidance_interval=(0.0, 0.7),
+        show_progress=False,
+    )
+    with np.load(tmp_path / "s.npz") as stored, np.load(eager) as expected:
         assert stored["arr_0"].shape == (3, 16, 16, 3)
+        # The compiled blocks may round differently: at most one step of uint8 apart.
+        difference = np.abs(stored["arr_0"].astype(np.int16) - expected["arr_0"].astype(np.int16))
+        assert difference.max() <= 1
+        np.testing.assert_array_equal(stored["arr_1"], expected["arr_1"])

@@ -330,6 +330,33 @@ def test_training_mode_model_samples_without_label_dropout():
     torch.testing.assert_close(out, expected, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("mode", ["blocks", "graph"])
+def test_compiled_transformer_samples_like_the_eager_one(mode):
+    # Guidance on part of the trajectory: both batch shapes (2N guided, N plain) go through the compiled model.
+    latents = torch.randn(2, 4, 8, 8)
+    call = {"class_labels": [1, 2], "num_inference_steps": 4, "guidance_scale": 1.8, "guidance_interval": (0, 0.6)}
+    expected = make_pipeline(tiny_sit(), SiTSDEScheduler())(
+        **call, latents=latents, generator=torch.Generator().manual_seed(0), output_type="latent"
+    ).images
+    pipe = make_pipeline(tiny_sit(), SiTSDEScheduler())
+    pipe.compile_transformer(mode)
+    out = pipe(**call, latents=latents, generator=torch.Generator().manual_seed(0), output_type="latent").images
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    compiled_blocks = [block for block in pipe.transformer.transformer_blocks if block._compiled_call_impl is not None]
+    assert len(compiled_blocks) == (len(pipe.transformer.transformer_blocks) if mode == "blocks" else 0)
+    assert (pipe.transformer._compiled_call_impl is not None) == (mode == "graph")
+
+
+@pytest.mark.parametrize(
+    "mode, match",
+    [("cuda_graphs", "CUDA graphs need the transformer on a CUDA device, it is on cpu"), ("fast", "one of")],
+)
+def test_compile_transformer_rejects_bad_modes(transformer, mode, match):
+    with pytest.raises(ValueError, match=match):
+        make_pipeline(transformer).compile_transformer(mode)
+    assert transformer._compiled_call_impl is None
+
+
 @pytest.mark.parametrize("writer", ["pipeline", "transformer", "bare_peft_dict"])
 def test_lora_weights_round_trip(tmp_path, writer):
     # Without metadata in the file, alpha defaults to the rank; with it, alpha = 2·rank must be restored.
