@@ -397,3 +397,37 @@ def test_two_encoders_logit_normal_times_and_bf16_autocast(assets, tmp_path):
     for values in logged:  # mean −cos over both targets; loss = denoising + λ · projection
         assert -1 <= values["projection_loss"] <= 1 and values["denoising_loss"] > 0
         assert values["loss"] == pytest.approx(values["denoising_loss"] + 0.5 * values["projection_loss"], rel=1e-5)
+
+
+def test_encoders_in_bf16_give_float32_targets_close_to_fp32_ones(assets, tmp_path):
+    trainer = REPATrainer(tiny_args(assets, tmp_path, encoder_precision="bf16", mixed_precision="bf16"))
+    (encoder,) = trainer.encoders
+    assert {param.dtype for param in encoder.parameters()} == {torch.bfloat16}
+    images = torch.randint(0, 256, (4, 3, RESOLUTION, RESOLUTION), dtype=torch.uint8)
+    (targets,) = trainer.encode_targets(images)
+    expected = load_encoder(assets.encoder, RESOLUTION)(images)
+    assert targets.dtype == torch.float32
+    torch.testing.assert_close(targets, expected, rtol=0.05, atol=0.05)
+    trainer.train()
+    assert trainer.num_nonfinite_steps == 0
+
+
+def test_encoder_precision_is_checked(assets, tmp_path):
+    with pytest.raises(ValueError, match="--encoder_precision must be fp32, bf16 or fp16, got 'int8'"):
+        tiny_args(assets, tmp_path, encoder_precision="int8")
+
+
+def test_compiled_training_matches_eager(assets, tmp_path):
+    results = []
+    for compile in (False, True):
+        trainer = REPATrainer(tiny_args(assets, tmp_path / str(compile), compile=compile))
+        trainer.train()
+        results.append(parameters(trainer.unwrapped_model))
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+    blocks = trainer.unwrapped_model.transformer_blocks
+    assert all(block._compiled_call_impl is not None for block in blocks)
+    assert all(encoder._compiled_call_impl is not None for encoder in trainer.encoders)
+    # Two AdamW steps of lr 1e-3 move a weight by up to 2e-3; dividing by √v turns rounding differences of tiny
+    # gradients into differences of up to a few percent of that, far below what a wrong graph would cause.
+    assert_same_tensors(results[1], results[0], rtol=0, atol=1e-4)

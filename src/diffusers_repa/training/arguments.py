@@ -132,7 +132,16 @@ class REPATrainingArguments:
     mixed_precision: Literal["no", "fp16", "bf16"] = field(default="fp16", metadata=_help("Autocast precision."))
     allow_tf32: bool = field(default=True, metadata=_help("TF32 matmuls on Ampere+ GPUs."))
     gradient_checkpointing: bool = field(default=False, metadata=_help("Recompute blocks in backward."))
-    compile: bool = field(default=False, metadata=_help("torch.compile the transformer blocks (regional)."))
+    compile: bool = field(
+        default=False, metadata=_help("torch.compile the transformer blocks (regional) and the frozen encoders.")
+    )
+    encoder_precision: Literal["fp32", "bf16", "fp16"] = field(
+        default="fp32",
+        metadata=_help(
+            "dtype of the frozen encoders' weights: bf16/fp16 halve their memory and skip autocast's weight casts "
+            "on every step; fp32 is the original's. They run under --mixed_precision's autocast either way."
+        ),
+    )
     max_nonfinite_steps: int = field(
         default=10, metadata=_help("Stop after this many optimizer steps in a row with a NaN/Inf loss (skipped).")
     )
@@ -157,6 +166,8 @@ class REPATrainingArguments:
             )
         if self.proj_coeff < 0:
             raise ValueError(f"--proj_coeff must be >= 0, got {self.proj_coeff}.")
+        if self.encoder_precision not in ("fp32", "bf16", "fp16"):
+            raise ValueError(f"--encoder_precision must be fp32, bf16 or fp16, got {self.encoder_precision!r}.")
         if self.lora_rank < 0:
             raise ValueError(f"--lora_rank must be >= 0, got {self.lora_rank}.")
         if self.lora_rank and self.pretrained_model is None:

@@ -69,6 +69,7 @@ LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 EMA_WEIGHTS_NAME = "ema.safetensors"
 TRAINER_STATE_NAME = "trainer_state.json"
 SAMPLE_GRID_NAME = "samples.png"
+ENCODER_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class NonFiniteLossError(RuntimeError):
@@ -134,8 +135,11 @@ class REPATrainer:
 
         # Models: frozen encoders (none when λ = 0), the VAE (for samples and the export), the transformer.
         device = accelerator.device
+        encoder_dtype = ENCODER_DTYPES[args.encoder_precision]
         self.encoders = (
-            load_encoders(args.encoder_names, resolution=args.resolution, device=device) if args.proj_coeff > 0 else []
+            load_encoders(args.encoder_names, args.resolution, dtype=encoder_dtype, device=device)
+            if args.proj_coeff > 0
+            else []
         )
         self.vae = AutoencoderKL.from_pretrained(args.vae).to(device).eval().requires_grad_(False)
         model = self._build_model(projection_dims=tuple(encoder.embed_dim for encoder in self.encoders))
@@ -162,6 +166,8 @@ class REPATrainer:
         self.trainable_params = [param for param in self.unwrapped_model.parameters() if param.requires_grad]
         if args.compile:
             self.unwrapped_model.compile_repeated_blocks(fullgraph=True)  # a graph break is a bug: fail loudly
+            for encoder in self.encoders:
+                encoder.compile(dynamic=False)  # transformers' code: graph breaks are theirs to have
 
         # From here on every process draws its own random numbers: label dropout from the global RNG; t, the noise
         # of x_t and the posterior noise from `self.generator`.
