@@ -134,6 +134,7 @@ class StepOptions:
         fused_adamw: `AdamW(fused=True)` instead of torch's default implementation.
         foreach_ema: the library's `EMA` (one `_foreach_lerp_`) instead of a per-parameter loop.
         encoder_precision: dtype of the encoder's weights (under `precision` autocast either way).
+        compile_encoder: `torch.compile` of the encoder (as the trainer's `--compile`).
         gradient_checkpointing: recompute each block in the backward pass.
     """
 
@@ -143,6 +144,7 @@ class StepOptions:
     fused_adamw: bool = False
     foreach_ema: bool = True
     encoder_precision: str = "fp32"
+    compile_encoder: bool = False
     gradient_checkpointing: bool = False
 
 
@@ -159,7 +161,11 @@ ABLATION_LADDER: tuple[tuple[str, str, dict[str, Any]], ...] = (
     ("fused_adamw", "+ AdamW(fused=True)", {"fused_adamw": True}),
     ("foreach_ema", "+ foreach EMA (one _foreach_lerp_)", {"foreach_ema": True}),
     ("encoder_bf16", "+ encoder weights in bf16", {"encoder_precision": "bf16"}),
+    ("encoder_compile", "+ torch.compile of the encoder", {"compile_encoder": True}),
 )
+# Rungs that compile: inductor builds C++ kernels on a CPU, minutes on a few cores, so a CPU ladder skips them unless
+# asked to.
+COMPILE_RUNGS = ("compile", "encoder_compile")
 
 
 def ablation_steps(skip: tuple[str, ...] = ()) -> list[tuple[str, str, StepOptions]]:
@@ -219,8 +225,8 @@ def load_benchmark_encoder(name: str, resolution: int, device: torch.device) -> 
 class TrainingStepBenchmark:
     """A SiT model, its alignment encoder, optimiser, EMA and one batch of inputs, ready to time training steps.
 
-    Optional pieces (fused optimiser, bf16 encoder copy, compiled blocks) are created on first use so that one
-    instance can time several `StepOptions` back to back on the same weights.
+    Optional pieces (fused optimiser, bf16 / compiled encoder copies, compiled blocks) are created on first use so that
+    one instance can time several `StepOptions` back to back on the same weights.
     """
 
     def __init__(
@@ -246,7 +252,7 @@ class TrainingStepBenchmark:
             ).to(device)
         self.model.train()
         check_token_grid(encoder, self.model.num_tokens)
-        self.encoders = {"fp32": encoder}
+        self.encoders: dict[tuple[str, bool], Callable[[torch.Tensor], torch.Tensor]] = {("fp32", False): encoder}
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizers: dict[bool, torch.optim.Optimizer] = {}
         self.ema = EMA(self.model, decay=0.9999)
@@ -260,10 +266,14 @@ class TrainingStepBenchmark:
         self.images = torch.randint(0, 256, (batch_size, 3, resolution, resolution), dtype=torch.uint8, device=device)
         self.labels = torch.randint(0, self.model.config.num_classes, (batch_size,), device=device)
 
-    def encoder(self, precision: str) -> FrozenVisionEncoder:
-        if precision not in self.encoders:
-            self.encoders[precision] = copy.deepcopy(self.encoders["fp32"]).to(PRECISIONS[precision])
-        return self.encoders[precision]
+    def encoder(self, precision: str, compiled: bool = False) -> Callable[[torch.Tensor], torch.Tensor]:
+        key = (precision, compiled)
+        if key not in self.encoders:
+            if compiled:  # a compiled wrapper, which leaves the eager copy as it is for the other rungs
+                self.encoders[key] = torch.compile(self.encoder(precision), dynamic=False)
+            else:
+                self.encoders[key] = copy.deepcopy(self.encoders[("fp32", False)]).to(PRECISIONS[precision])
+        return self.encoders[key]
 
     def optimizer(self, fused: bool) -> torch.optim.Optimizer:
         if fused not in self.optimizers:
@@ -295,7 +305,7 @@ class TrainingStepBenchmark:
             self.model.enable_gradient_checkpointing()
         else:
             self.model.disable_gradient_checkpointing()
-        encoder = self.encoder(options.encoder_precision)
+        encoder = self.encoder(options.encoder_precision, options.compile_encoder)
         optimizer = self.optimizer(options.fused_adamw)
         use_scaler = options.precision == "fp16"
 
@@ -397,6 +407,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 fused_adamw=args.fused_adamw,
                 foreach_ema=args.foreach_ema,
                 encoder_precision=args.encoder_precision,
+                compile_encoder=args.compile,
                 gradient_checkpointing=args.gradient_checkpointing,
             )
             step = bench.step_function(options)
@@ -419,8 +430,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def _ablate(bench: TrainingStepBenchmark, args: argparse.Namespace, flops_per_image: int) -> list[dict[str, Any]]:
     """Time every rung; eager rungs first, then compiled ones, each group with its repeats interleaved."""
     skip = tuple(args.ablate_skip)
-    if bench.device.type == "cpu" and "compile" not in skip and not args.ablate_compile_on_cpu:
-        skip += ("compile",)  # inductor compiles C++ for the CPU: slow on a few cores, so opt in
+    if bench.device.type == "cpu" and not args.ablate_compile_on_cpu:
+        skip += tuple(name for name in COMPILE_RUNGS if name not in skip)
     rungs = ablation_steps(skip)
     groups = [[r for r in rungs if not r[2].compile], [r for r in rungs if r[2].compile]]
     seconds: dict[str, list[float]] = {name: [] for name, _, _ in rungs}
@@ -459,6 +470,7 @@ _ROW_COLUMNS = (
     ("batch_size", "batch"),
     ("precision", "precision"),
     ("compile", "compile"),
+    ("compile_encoder", "compiled encoder"),
     ("gradient_checkpointing", "grad ckpt"),
     ("fused_adamw", "fused AdamW"),
     ("foreach_ema", "foreach EMA"),
@@ -506,7 +518,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--precision", choices=sorted(PRECISIONS), default="bf16", help="Autocast dtype of SiT.")
     parser.add_argument("--sdpa", choices=SDPA_CHOICES, default="default", help="Attention kernels.")
-    parser.add_argument("--compile", action="store_true", help="Regional torch.compile of the blocks.")
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="Regional torch.compile of the blocks, and the encoder (as the trainer).",
+    )
     parser.add_argument("--gradient_checkpointing", action="store_true", help="Recompute blocks in backward.")
     parser.add_argument("--fused_adamw", action="store_true", help="AdamW(fused=True).")
     parser.add_argument(
@@ -521,7 +537,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--ablate_skip", nargs="*", default=[], help="Ladder steps to leave out (e.g. compile encoder_bf16)."
     )
     parser.add_argument(
-        "--ablate_compile_on_cpu", action="store_true", help="Include the compile step on a CPU (slow to compile)."
+        "--ablate_compile_on_cpu", action="store_true", help="Include the compile steps on a CPU (slow to compile)."
     )
     parser.add_argument("--warmup", type=int, default=3, help="Untimed steps first.")
     parser.add_argument("--iterations", type=int, default=5, help="Steps per timed block.")

@@ -121,6 +121,14 @@ def test_train_throughput_main(tiny_encoder_path, tmp_path, precision):
     assert result["train_gflops_per_image"] > 3 * result["sit_forward_gflops_per_image"]
 
 
+def test_train_throughput_compiled_as_the_trainer(tiny_encoder_path):
+    # The GPU headline's path: `--compile` compiles the blocks and the encoder, as the trainer's `--compile` does.
+    argv = TINY_SIT + CPU_RUN + ["--encoder_depth", "1", "--encoder", str(tiny_encoder_path), "--compile"]
+    result = train_throughput.main(argv + ["--warmup", "1", "--iterations", "1", "--repeats", "1"])
+    assert result["compile"] and result["compile_encoder"]
+    _assert_positive_finite(result, ["step_time_s", "images_per_s", "first_step_s"])
+
+
 def test_train_throughput_ablation(tiny_encoder_path):
     argv = TINY_SIT + CPU_RUN + ["--encoder_depth", "1", "--encoder", str(tiny_encoder_path), "--ablate"]
     result = train_throughput.main(argv + ["--warmup", "0", "--iterations", "1", "--repeats", "1"])
@@ -134,7 +142,7 @@ def test_train_throughput_ablation(tiny_encoder_path):
         "foreach_ema",
         "encoder_bf16",
     ]
-    assert [r["step"] for r in result["ablation"] if r.get("skipped")] == ["compile"]  # opt-in on a CPU
+    assert [r["step"] for r in result["ablation"] if r.get("skipped")] == ["compile", "encoder_compile"]  # opt-in
     assert measured[0]["speedup_vs_baseline"] == 1.0
     assert (measured[0]["precision"], measured[0]["sdpa"], measured[0]["foreach_ema"]) == ("fp32", "math", False)
     cumulative = {
