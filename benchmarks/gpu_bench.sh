@@ -4,14 +4,17 @@
 # then run, from the repository root, with .whl/ next to it:    bash benchmarks/gpu_bench.sh
 #
 # It installs the wheels of .whl/ whose distribution is missing (into /tmp/site, nothing else is touched), then
-# measures, each step under its own time limit so that one failure does not stop the rest (about 6 minutes in all;
-# the limits add up to under 10):
+# measures, most important first, each step under its own time limit so that one failure does not stop the rest:
 #   1. a bf16 matmul (8192³) to calibrate the peak actually reachable on this card;
-#   2. SiT-XL/2 + DINOv2-B training step, per-GPU batch 32, bf16 autocast, regional compile, fused AdamW, foreach EMA,
-#      encoder in bf16: images/s, peak memory, MFU;
-#   3. the optimisation ladder (fp32 eager -> ... -> all of the above), ratios measured back to back;
-#   4. 250-step SDE sampling with CFG 1.8 on [0, 0.7] vs on [0, 1], batch 16, bf16, compiled, with VAE decode;
-#   5. the training step of 2. without compile (and, with CUDNN=1, compiled with cuDNN attention).
+#   2. SiT-XL/2 + DINOv2-B training step, per-GPU batch 32, bf16 autocast, regional compile of the blocks and a
+#      compiled encoder (the trainer's --compile), fused AdamW, foreach EMA, encoder in bf16: images/s, memory, MFU;
+#   3. 250-step SDE sampling with CFG 1.8 on [0, 0.7] vs on [0, 1], batch 16, bf16, whole forward compiled and
+#      replayed as CUDA graphs, with VAE decode; the eager pipeline timed in the same run;
+#   4. the optimisation ladder (fp32 eager -> ... -> all of 2.), ratios measured back to back;
+#   5. if time is left: sampling as 3. with regional compile, and the training step of 2. without compile (with
+#      CUDNN=1, also compiled with cuDNN attention).
+# All steps share a budget of BUDGET seconds (default 570, under the device's 10-minute limit per command): a step's
+# limit is cut to what is left, and a step with under 30 s left is skipped.
 # DINOv2-B and SD-VAE load from the HF cache when present; offline without them, random models of the same
 # architecture are used (same cost). Results: $OUT (default outputs/gpu_bench) gets gpu_bench.json (all results),
 # gpu_bench.md (all tables) and gpu_bench.log, updated after every step; the tables are printed last.
@@ -25,6 +28,7 @@ SAMPLE_BATCH=${SAMPLE_BATCH:-16}
 read -ra TRAIN_ARGS <<<"${TRAIN_ARGS:-}"
 read -ra SAMPLE_ARGS <<<"${SAMPLE_ARGS:-}"
 PYTHON=${PYTHON:-python3}
+BUDGET=${BUDGET:-570}
 RUNS=$(mktemp -d)
 mkdir -p "$OUT"
 exec > >(tee "$OUT/gpu_bench.log") 2>&1
@@ -58,16 +62,21 @@ tables = [f"### {path.parent.name}\n\n{path.read_text()}" for path in sorted(run
 PY
 }
 
-step() { # step NAME SECONDS COMMAND...: run under a time limit, keep going on failure, then collect
+step() { # step NAME SECONDS COMMAND...: run under min(SECONDS, budget left), keep going on failure, then collect
   local name=$1 limit=$2 start=$SECONDS
   shift 2
+  if ((BUDGET - SECONDS < 30)); then
+    echo "=== $name skipped: $((BUDGET - SECONDS))s of the ${BUDGET}s budget left"
+    return
+  fi
+  ((limit > BUDGET - SECONDS)) && limit=$((BUDGET - SECONDS))
   echo "=== $name (limit ${limit}s)"
   timeout "$limit" "$@" || echo "=== $name FAILED or timed out (exit $?)"
   echo "=== $name took $((SECONDS - start))s"
   collect
 }
 
-step matmul 60 "$PYTHON" - "$RUNS/matmul" <<'PY'
+step matmul 30 "$PYTHON" - "$RUNS/matmul" <<'PY'
 import json, sys, torch
 from pathlib import Path
 a, b = (torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16) for _ in range(2))  # random, not zeros
@@ -91,14 +100,15 @@ PY
 FAST=(--precision bf16 --fused_adamw --foreach_ema --encoder_precision bf16)
 TRAIN=("$PYTHON" -m benchmarks.train_throughput --preset "$PRESET" --batch_size "$BATCH" --warmup 3 --iterations 5
   "${TRAIN_ARGS[@]}")
-step train_compiled 200 "${TRAIN[@]}" "${FAST[@]}" --compile --repeats 3 --output "$RUNS/train_compiled"
-step ablation 240 "${TRAIN[@]}" --ablate --repeats 3 --output "$RUNS/ablation"
-step sampling 180 "$PYTHON" -m benchmarks.sampling_throughput --preset "$PRESET" --sampler sde --steps 250 \
-  --guidance_scale 1.8 --guidance_interval 0 0.7 --batch_size "$SAMPLE_BATCH" --precision bf16 --compile \
-  --repeats 2 "${SAMPLE_ARGS[@]}" --output "$RUNS/sampling"
-step train_eager 120 "${TRAIN[@]}" "${FAST[@]}" --repeats 3 --output "$RUNS/train_eager"
+SAMPLE=("$PYTHON" -m benchmarks.sampling_throughput --preset "$PRESET" --sampler sde --steps 250 --guidance_scale 1.8
+  --guidance_interval 0 0.7 --batch_size "$SAMPLE_BATCH" --precision bf16 --repeats 2 "${SAMPLE_ARGS[@]}")
+step train_compiled 170 "${TRAIN[@]}" "${FAST[@]}" --compile --repeats 3 --output "$RUNS/train_compiled"
+step sampling_cuda_graphs 200 "${SAMPLE[@]}" --compile "${SAMPLE_COMPILE:-cuda_graphs}" --output "$RUNS/sampling"
+step ablation 240 "${TRAIN[@]}" --ablate --repeats 2 --output "$RUNS/ablation"
+step sampling_blocks 150 "${SAMPLE[@]}" --compile blocks --output "$RUNS/sampling_blocks"
+step train_eager 90 "${TRAIN[@]}" "${FAST[@]}" --repeats 3 --output "$RUNS/train_eager"
 if [[ "${CUDNN:-0}" == 1 ]]; then
-  step train_compiled_cudnn 180 "${TRAIN[@]}" "${FAST[@]}" --compile --sdpa cudnn --repeats 3 \
+  step train_compiled_cudnn 170 "${TRAIN[@]}" "${FAST[@]}" --compile --sdpa cudnn --repeats 3 \
     --output "$RUNS/train_compiled_cudnn"
 fi
 
