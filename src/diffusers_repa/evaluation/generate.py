@@ -118,7 +118,7 @@ def generate_samples(
     npz_path: str | os.PathLike | None = None,
     accelerator: Accelerator | None = None,
     mixed_precision: Literal["no", "bf16", "fp16"] = "no",
-    compile_mode: str | None = None,
+    compile_mode: Literal["blocks", "graph", "cuda_graphs"] | None = None,
     show_progress: bool = True,
 ) -> Path | None:
     """Generate ``num_samples`` images with a [`SiTPipeline`] into ``output_dir`` and pack them into an ``.npz``.

@@ -8,6 +8,7 @@ import json
 from collections.abc import Callable, Sequence
 from functools import cache
 from pathlib import Path
+from typing import Literal, get_args
 
 import numpy as np
 import torch
@@ -27,7 +28,8 @@ from ..schedulers.scheduling_utils_sit import check_num_inference_steps, samplin
 from .lora_loader_sit import SiTLoraLoaderMixin
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
-COMPILE_MODES = ("blocks", "graph", "cuda_graphs")
+CompileMode = Literal["blocks", "graph", "cuda_graphs"]
+COMPILE_MODES: tuple[str, ...] = get_args(CompileMode)
 # Weight formats a download skips unless `use_safetensors=False` is passed: this package loads safetensors only.
 _PICKLED_WEIGHT_PATTERNS = ["*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl"]
 _IMAGENET_ID2LABEL_FILE = Path(__file__).with_name("imagenet_id2label.json")
@@ -112,7 +114,7 @@ class SiTPipeline(DiffusionPipeline, SiTLoraLoaderMixin):
             user_agent={"pipeline_class": cls.__name__},
         )
 
-    def compile_transformer(self, mode: str = "blocks") -> None:
+    def compile_transformer(self, mode: CompileMode = "blocks") -> None:
         """Compile the transformer in place for sampling, with static shapes.
 
         Graphs are built on the first call with each batch shape: under guidance the doubled batch (2N) and, outside
