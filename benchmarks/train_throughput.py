@@ -223,7 +223,13 @@ def load_benchmark_encoder(name: str, resolution: int, device: torch.device) -> 
 
 
 class TrainingStepBenchmark:
-    """A SiT model, its alignment encoder, optimiser, EMA and one batch of inputs, ready to time training steps.
+    """A SiT model, its alignment encoder, optimiser, EMA and one batch, ready to time training steps.
+
+    The batch is one micro-batch as the trainer's loader yields it (`latent_mean`, `latent_std`: the cached VAE
+    posterior (N, 4, h, w); `image`: uint8 crops (N, 3, R, R); `label`: (N,)); `with_random_inputs` makes one of the
+    real shapes. As in the trainer, the posterior noise, t and the noise of x_t come from `generator` and label
+    dropout from the global RNG: with the trainer's hyper-parameters (lr 1e-4, no weight decay, clip 1, EMA 0.9999,
+    λ 0.5) a step equals `REPATrainer`'s (tests/test_trainer.py checks it).
 
     Optional pieces (fused optimiser, bf16 / compiled encoder copies, compiled blocks) are created on first use so that
     one instance can time several `StepOptions` back to back on the same weights.
@@ -231,6 +237,27 @@ class TrainingStepBenchmark:
 
     def __init__(
         self,
+        model: SiTTransformer2DModel,
+        encoder: FrozenVisionEncoder,
+        batch: dict[str, torch.Tensor],
+        device: torch.device,
+        seed: int = 0,
+    ):
+        self.device, self.batch_size = device, len(batch["label"])
+        self.model = model.to(device).train()
+        check_token_grid(encoder, self.model.num_tokens)
+        self.batch = {name: value.to(device) for name, value in batch.items()}
+        self.encoders: dict[tuple[str, bool], Callable[[torch.Tensor], torch.Tensor]] = {("fp32", False): encoder}
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizers: dict[bool, torch.optim.Optimizer] = {}
+        self.ema = EMA(self.model, decay=0.9999)
+        self.scaler = torch.amp.GradScaler(device.type)
+        self.generator = torch.Generator(device).manual_seed(seed)
+        self.compiled = False
+
+    @classmethod
+    def with_random_inputs(
+        cls,
         preset: str,
         batch_size: int,
         resolution: int,
@@ -238,33 +265,26 @@ class TrainingStepBenchmark:
         encoder: FrozenVisionEncoder,
         size_overrides: dict[str, int] | None = None,
         seed: int = 0,
-    ):
+    ) -> TrainingStepBenchmark:
+        """A new `preset` model (seeded) and a random batch of the real shapes at `resolution` px."""
         if batch_size < 1:
             raise ValueError(f"--batch_size must be positive, got {batch_size}.")
         if resolution % (VAE_DOWNSAMPLING * 2) != 0:
             raise ValueError(f"--resolution must be a multiple of 16 (8x VAE, even latent side), got {resolution}.")
         torch.manual_seed(seed)
-        self.device, self.batch_size = device, batch_size
         latent_side = resolution // VAE_DOWNSAMPLING
         with device:  # initialise on the GPU directly: XL takes half a minute to initialise on a few CPU cores
-            self.model = SiTTransformer2DModel.from_preset(
+            model = SiTTransformer2DModel.from_preset(
                 preset, sample_size=latent_side, projection_dims=(encoder.embed_dim,), **(size_overrides or {})
-            ).to(device)
-        self.model.train()
-        check_token_grid(encoder, self.model.num_tokens)
-        self.encoders: dict[tuple[str, bool], Callable[[torch.Tensor], torch.Tensor]] = {("fp32", False): encoder}
-        self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizers: dict[bool, torch.optim.Optimizer] = {}
-        self.ema = EMA(self.model, decay=0.9999)
-        self.scaler = torch.amp.GradScaler(device.type)
-        self.compiled = False
-
-        # One batch as the latent cache hands it over: posterior mean/std, uint8 crop, label.
-        shape = (batch_size, LATENT_CHANNELS, latent_side, latent_side)
-        self.posterior_mean = torch.randn(shape, device=device)
-        self.posterior_std = torch.rand(shape, device=device) * 0.1
-        self.images = torch.randint(0, 256, (batch_size, 3, resolution, resolution), dtype=torch.uint8, device=device)
-        self.labels = torch.randint(0, self.model.config.num_classes, (batch_size,), device=device)
+            )
+            shape = (batch_size, LATENT_CHANNELS, latent_side, latent_side)
+            batch = {
+                "latent_mean": torch.randn(shape),
+                "latent_std": torch.rand(shape) * 0.1,
+                "image": torch.randint(0, 256, (batch_size, 3, resolution, resolution), dtype=torch.uint8),
+                "label": torch.randint(0, model.config.num_classes, (batch_size,)),
+            }
+        return cls(model, encoder, batch, device, seed)
 
     def encoder(self, precision: str, compiled: bool = False) -> Callable[[torch.Tensor], torch.Tensor]:
         key = (precision, compiled)
@@ -309,13 +329,14 @@ class TrainingStepBenchmark:
         optimizer = self.optimizer(options.fused_adamw)
         use_scaler = options.precision == "fp16"
 
+        mean, std = self.batch["latent_mean"], self.batch["latent_std"]
+
         def step() -> None:
-            latents = (self.posterior_mean + self.posterior_std * torch.randn_like(self.posterior_mean)) * (
-                SD_VAE_SCALING_FACTOR
-            )
+            noise = torch.randn(mean.shape, generator=self.generator, device=mean.device, dtype=mean.dtype)
+            latents = (mean + std * noise) * SD_VAE_SCALING_FACTOR  # a fresh sample of the cached posterior
             with _sdpa_context(options.sdpa), _autocast(self.device, options.precision):
-                targets = [encoder(self.images)]
-                loss = repa_loss(self.model, latents, self.labels, targets).loss
+                targets = [encoder(self.batch["image"])]
+                loss = repa_loss(self.model, latents, self.batch["label"], targets, generator=self.generator).loss
             if use_scaler:
                 self.scaler.scale(loss).backward()
                 self.scaler.unscale_(optimizer)
@@ -376,7 +397,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     device = setup_run(args)
     encoder, encoder_label = load_benchmark_encoder(args.encoder, args.resolution, device)
     overrides = model_overrides(args)
-    bench = TrainingStepBenchmark(args.preset, args.batch_size, args.resolution, device, encoder, overrides, args.seed)
+    bench = TrainingStepBenchmark.with_random_inputs(
+        args.preset, args.batch_size, args.resolution, device, encoder, overrides, args.seed
+    )
     sit_flops = sit_forward_flops(bench.model.config, with_projections=True)
     flops_per_image = 3 * sit_flops + encoder_forward_flops(encoder)
     timing = {"warmup": args.warmup, "iterations": args.iterations, "repeats": args.repeats}

@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from accelerate.state import AcceleratorState, GradientState
+from benchmarks import train_throughput
 from diffusers import AutoencoderKL
 from safetensors.torch import load_file
 
@@ -431,3 +432,30 @@ def test_compiled_training_matches_eager(assets, tmp_path):
     # Two AdamW steps of lr 1e-3 move a weight by up to 2e-3; dividing by √v turns rounding differences of tiny
     # gradients into differences of up to a few percent of that, far below what a wrong graph would cause.
     assert_same_tensors(results[1], results[0], rtol=0, atol=1e-4)
+
+
+def test_the_throughput_benchmark_times_the_trainers_step(assets, tmp_path):
+    # benchmarks/train_throughput.py composes the step from library pieces (the trainer's needs a latent cache):
+    # from the same weights, batch and random streams, one step of each must give the same weights and EMA.
+    args = tiny_args(assets, tmp_path, max_train_steps=1, learning_rate=1e-4, ema_decay=0.9999)
+    trainer = REPATrainer(args)
+    batch = next(trainer._micro_batches(start_step=0))  # the batch train() starts with
+    bench = train_throughput.TrainingStepBenchmark(
+        copy.deepcopy(trainer.unwrapped_model), trainer.encoders[0], batch, torch.device("cpu")
+    )
+    bench.generator.set_state(trainer.generator.get_state())
+    step = bench.step_function(train_throughput.StepOptions(precision="fp32"))
+    initial = parameters(bench.model)
+
+    torch.manual_seed(7)  # label dropout
+    trainer.train()
+    torch.manual_seed(7)
+    step()
+    trained = parameters(trainer.unwrapped_model)
+    assert_same_tensors(parameters(bench.model), trained, rtol=1e-5, atol=1e-7)
+    assert_same_tensors(
+        dict(enumerate(bench.ema.averaged_params)), dict(enumerate(trainer.ema.averaged_params)), rtol=1e-5, atol=1e-7
+    )
+    assert all(
+        not torch.equal(trained[name], initial[name]) for name in ("patch_embed.weight", "projectors.0.0.weight")
+    )
