@@ -54,11 +54,16 @@ def assets(tmp_path_factory) -> TinyAssets:
     return TinyAssets(vae, encoder, cache)
 
 
+def reset_accelerate_state() -> None:
+    """Forget accelerate's process-wide singletons, so that the next REPATrainer may use other settings."""
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
 @pytest.fixture(autouse=True)
 def _fresh_accelerate_state():
     yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+    reset_accelerate_state()
 
 
 def tiny_args(assets: TinyAssets, output_dir: Path, **overrides) -> REPATrainingArguments:
@@ -196,8 +201,7 @@ def test_a_crash_while_writing_a_checkpoint_never_looks_complete(assets, tmp_pat
     with pytest.raises(ValueError, match="unfinished checkpoint"):
         resolve_checkpoint(output_dir, str(output_dir / "checkpoint-4.tmp"))
 
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+    reset_accelerate_state()
     resumed = REPATrainer(tiny_args(assets, output_dir, resume_from_checkpoint="latest", checkpoints_total_limit=2))
     assert resumed.global_step == 2
     torch.testing.assert_close(dict(resumed.unwrapped_model.state_dict()), saved_weights, rtol=0, atol=0)
@@ -372,15 +376,20 @@ def test_latest_is_the_highest_complete_step(tmp_path):
     assert resolve_checkpoint(tmp_path, "latest") == tmp_path / "checkpoint-10"
 
 
+def trained(assets: TinyAssets, output_dir: Path, **overrides) -> REPATrainer:
+    """A tiny run trained to its last step (accelerate's state reset afterwards, ready for another run)."""
+    trainer = REPATrainer(tiny_args(assets, output_dir, **overrides))
+    trainer.train()
+    reset_accelerate_state()
+    return trainer
+
+
 def test_gradient_checkpointing_gives_the_same_step(assets, tmp_path):
-    results = []
-    for checkpointing in (False, True):
-        trainer = REPATrainer(tiny_args(assets, tmp_path / str(checkpointing), gradient_checkpointing=checkpointing))
-        trainer.train()
-        results.append(parameters(trainer.unwrapped_model))
-        AcceleratorState._reset_state(reset_partial_state=True)
-        GradientState._reset_state()
-    assert_same_tensors(results[1], results[0], rtol=1e-5, atol=1e-6)
+    plain = trained(assets, tmp_path / "plain")
+    checkpointed = trained(assets, tmp_path / "checkpointed", gradient_checkpointing=True)
+    assert_same_tensors(
+        parameters(checkpointed.unwrapped_model), parameters(plain.unwrapped_model), rtol=1e-5, atol=1e-6
+    )
 
 
 def test_two_encoders_logit_normal_times_and_bf16_autocast(assets, tmp_path):
@@ -419,19 +428,13 @@ def test_encoder_precision_is_checked(assets, tmp_path):
 
 
 def test_compiled_training_matches_eager(assets, tmp_path):
-    results = []
-    for compile in (False, True):
-        trainer = REPATrainer(tiny_args(assets, tmp_path / str(compile), compile=compile))
-        trainer.train()
-        results.append(parameters(trainer.unwrapped_model))
-        AcceleratorState._reset_state(reset_partial_state=True)
-        GradientState._reset_state()
-    blocks = trainer.unwrapped_model.transformer_blocks
-    assert all(block._compiled_call_impl is not None for block in blocks)
-    assert all(encoder._compiled_call_impl is not None for encoder in trainer.encoders)
+    eager = trained(assets, tmp_path / "eager")
+    compiled = trained(assets, tmp_path / "compiled", compile=True)
+    assert all(block._compiled_call_impl is not None for block in compiled.unwrapped_model.transformer_blocks)
+    assert all(encoder._compiled_call_impl is not None for encoder in compiled.encoders)
     # Two AdamW steps of lr 1e-3 move a weight by up to 2e-3; dividing by √v turns rounding differences of tiny
     # gradients into differences of up to a few percent of that, far below what a wrong graph would cause.
-    assert_same_tensors(results[1], results[0], rtol=0, atol=1e-4)
+    assert_same_tensors(parameters(compiled.unwrapped_model), parameters(eager.unwrapped_model), rtol=0, atol=1e-4)
 
 
 def test_the_throughput_benchmark_times_the_trainers_step(assets, tmp_path):
