@@ -13,7 +13,7 @@ import dataclasses
 import os
 import sys
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, get_args
 
 import yaml
 from transformers import HfArgumentParser
@@ -21,6 +21,9 @@ from transformers import HfArgumentParser
 
 def _help(text: str) -> dict[str, str]:
     return {"help": text}
+
+
+EncoderPrecision = Literal["fp32", "bf16", "fp16"]
 
 
 @dataclass
@@ -135,7 +138,7 @@ class REPATrainingArguments:
     compile: bool = field(
         default=False, metadata=_help("torch.compile the transformer blocks (regional) and the frozen encoders.")
     )
-    encoder_precision: Literal["fp32", "bf16", "fp16"] = field(
+    encoder_precision: EncoderPrecision = field(
         default="fp32",
         metadata=_help(
             "dtype of the frozen encoders' weights: bf16/fp16 halve their memory and skip autocast's weight casts "
@@ -166,7 +169,7 @@ class REPATrainingArguments:
             )
         if self.proj_coeff < 0:
             raise ValueError(f"--proj_coeff must be >= 0, got {self.proj_coeff}.")
-        if self.encoder_precision not in ("fp32", "bf16", "fp16"):
+        if self.encoder_precision not in get_args(EncoderPrecision):
             raise ValueError(f"--encoder_precision must be fp32, bf16 or fp16, got {self.encoder_precision!r}.")
         if self.lora_rank < 0:
             raise ValueError(f"--lora_rank must be >= 0, got {self.lora_rank}.")
