@@ -1,5 +1,5 @@
 """SiTPipeline: parity with the original REPA samplers, guidance interval, save/load (folder and Hub cache), labels,
-output types, input errors, LoRA loading, and the pipelines/sample.py CLI."""
+output types, pixel space (no VAE), input errors, LoRA loading, and the pipelines/sample.py CLI."""
 
 import json
 import shutil
@@ -18,6 +18,7 @@ from peft.utils import get_peft_model_state_dict
 from safetensors.torch import save_file
 
 from diffusers_repa.conversion import convert_repa_checkpoint
+from diffusers_repa.models import SiTTransformer2DModel
 from diffusers_repa.pipelines import SiTPipeline, imagenet_id2label
 from diffusers_repa.schedulers import SiTODEScheduler, SiTSDEScheduler
 
@@ -200,6 +201,84 @@ def test_decoding_inverts_the_latent_normalisation(transformer, vae_config, to_v
     images = pipe([1], 2, generator=torch.Generator().manual_seed(0), output_type="pt").images
     expected = pipe.image_processor.postprocess(vae.decode(to_vae_latents(latents.float())).sample, output_type="pt")
     torch.testing.assert_close(images, expected)
+
+
+def tiny_pixel_sit() -> SiTTransformer2DModel:
+    """A pixel-space SiT: 16×16 RGB, patch 4 (a 4×4 grid of 16 tokens), 10 classes. The weights that adaLN-Zero
+    starts at zero are drawn at random too, so that noise, time, class and null class all change the velocity."""
+    torch.manual_seed(0)
+    model = SiTTransformer2DModel(
+        sample_size=16,
+        patch_size=4,
+        in_channels=3,
+        hidden_size=32,
+        depth=2,
+        num_attention_heads=2,
+        num_classes=10,
+        encoder_depth=1,
+        projector_dim=16,
+        projection_dims=(8,),
+    )
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if not parameter.any():
+                parameter.normal_(std=0.1)
+    return model.eval()
+
+
+@pytest.mark.parametrize(("guidance_scale", "guidance_interval"), [(1.0, (0.0, 1.0)), (4.0, (0.0, 0.7))])
+def test_pixel_space_pipeline_samples_images(guidance_scale, guidance_interval):
+    pipe = make_pipeline(tiny_pixel_sit(), SiTSDEScheduler())
+    assert pipe.vae is None and pipe.vae_scale_factor == 1
+    kwargs = {"class_labels": [1, 7], "num_inference_steps": 4, "guidance_scale": guidance_scale}
+    kwargs["guidance_interval"] = guidance_interval
+
+    def sample(output_type: str, seed: int = 0):
+        return pipe(**kwargs, generator=torch.Generator().manual_seed(seed), output_type=output_type).images
+
+    x = sample("latent")
+    assert x.shape == (2, 3, 16, 16) and x.dtype == torch.float64
+    assert x.abs().max() > 1  # an untrained model leaves [-1, 1]: the image outputs must clamp
+    images = sample("pt")
+    assert images.shape == (2, 3, 16, 16) and images.dtype == torch.float32
+    torch.testing.assert_close(images, (x.float() / 2 + 0.5).clamp(0, 1), rtol=0, atol=1e-6)
+    assert images.min() == 0 and images.max() == 1
+    np.testing.assert_allclose(sample("np"), images.permute(0, 2, 3, 1).numpy(), atol=1e-6)
+    pil = sample("pil")
+    assert [(image.mode, image.size) for image in pil] == [("RGB", (16, 16))] * 2
+    np.testing.assert_array_equal(
+        np.stack([np.asarray(image) for image in pil]),
+        (images.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8),
+    )
+    torch.testing.assert_close(sample("pt"), images, rtol=0, atol=0)  # same generator, same images
+    assert not torch.equal(sample("pt", seed=1), images)
+
+
+def test_pixel_space_guidance_changes_the_samples():
+    pipe = make_pipeline(tiny_pixel_sit())
+    latents = torch.randn(2, 3, 16, 16)
+    kwargs = {"class_labels": [1, 7], "num_inference_steps": 4, "latents": latents, "output_type": "latent"}
+    plain = pipe(**kwargs, guidance_scale=1.0).images
+    guided = pipe(**kwargs, guidance_scale=4.0, guidance_interval=(0.0, 0.7)).images
+    assert relative_error(guided, plain) > 1e-3
+
+
+def test_pixel_space_pipeline_save_load_round_trip(tmp_path):
+    make_pipeline(
+        tiny_pixel_sit(), SiTSDEScheduler(), id2label={str(i): f"digit {i}" for i in range(10)}
+    ).save_pretrained(tmp_path)
+    index = json.loads((tmp_path / "model_index.json").read_text())
+    assert index["vae"] == [None, None] and index["id2label"]["3"] == "digit 3"
+    assert not (tmp_path / "vae").exists()
+
+    pipe = SiTPipeline.from_pretrained(tmp_path)
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.vae is None and isinstance(pipe.scheduler, SiTSDEScheduler) and pipe.vae_scale_factor == 1
+    original = make_pipeline(tiny_pixel_sit(), SiTSDEScheduler())
+    kwargs = {"class_labels": ["digit 3", 5], "num_inference_steps": 3, "guidance_scale": 2.0, "output_type": "np"}
+    loaded = pipe(**kwargs, generator=torch.Generator().manual_seed(0)).images
+    kwargs["class_labels"] = [3, 5]
+    np.testing.assert_array_equal(loaded, original(**kwargs, generator=torch.Generator().manual_seed(0)).images)
 
 
 def test_low_precision_model_keeps_a_float64_sampler(saved_pipeline):

@@ -52,6 +52,9 @@ class SiTPipeline(DiffusionPipeline, SiTLoraLoaderMixin):
     with the VAE (``z / scaling_factor``). The sampler state is kept in float64 (float32 on MPS) as in the original
     REPA samplers; the transformer runs in its own dtype.
 
+    Pixel space: without a VAE and with a 3-channel transformer, the transformer's sample *is* the RGB image x in
+    [-1, 1] (trained on ``x = uint8 / 127.5 − 1``); it is mapped to [0, 1] and clamped like a decoded image.
+
     Classifier-free guidance: when ``guidance_scale > 1`` and ``low ≤ t ≤ high`` for the time t at which a solver step
     starts, the conditional and null-class (id ``num_classes``) inputs run as one doubled batch and the velocity
     becomes ``uncond + w·(cond − uncond)``; outside the interval only the conditional batch runs. A Heun corrector
@@ -63,7 +66,8 @@ class SiTPipeline(DiffusionPipeline, SiTLoraLoaderMixin):
 
     Args:
         transformer ([`SiTTransformer2DModel`]): the velocity model.
-        vae ([`AutoencoderKL`], *optional*): decodes latents to images; may be None for ``output_type="latent"``.
+        vae ([`AutoencoderKL`], *optional*): decodes latents to images. None for a pixel-space transformer
+            (``in_channels=3``), or to get only ``output_type="latent"`` from a latent-space one.
         scheduler: one of the schedulers above.
         id2label (`dict`, *optional*): class names by id (ImageNet: [`imagenet_id2label`]); comma-separated synonyms
             each name the class. Stored in ``model_index.json``.
@@ -87,7 +91,8 @@ class SiTPipeline(DiffusionPipeline, SiTLoraLoaderMixin):
             id2label = {str(self._check_class_id(key, "id2label key")): name for key, name in id2label.items()}
         self.register_to_config(id2label=id2label)
         self.labels, self._ambiguous_labels = self._index_label_names(id2label or {})
-        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 8
+        # Pixel space (no VAE): the transformer's sample side is the image side.
+        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
 
     @classmethod
@@ -234,17 +239,22 @@ class SiTPipeline(DiffusionPipeline, SiTLoraLoaderMixin):
             )
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}.")
-        if output_type != "latent" and self.vae is None:
+        in_channels = self.transformer.config.in_channels
+        if output_type != "latent" and self.vae is None and in_channels != 3:
             raise ValueError(
-                f"output_type={output_type!r} needs a VAE to decode the latents, but this pipeline has vae=None; "
-                "pass output_type='latent' or load the pipeline with a VAE."
+                f"output_type={output_type!r} needs a VAE to decode the {in_channels}-channel latents, but this "
+                "pipeline has vae=None (only a 3-channel, pixel-space transformer samples images without one); pass "
+                "output_type='latent' or load the pipeline with a VAE."
             )
         unknown = [name for name in callback_on_step_end_tensor_inputs if name not in self._callback_tensor_inputs]
         if unknown:
             raise ValueError(f"callback_on_step_end_tensor_inputs {unknown} not in {self._callback_tensor_inputs}.")
 
     def _decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Images in [-1, 1] from latents ``z``, inverting ``z = (x − shift)·scale`` (see `diffusers_repa.latents`)."""
+        """Images in [-1, 1] (not yet clamped): the VAE decoding of latents ``z``, inverting ``z = (x − shift)·scale``
+        (see `diffusers_repa.latents`), in the VAE's dtype; in pixel space the final sample itself, in float32."""
+        if self.vae is None:
+            return latents.float()
         latents = latents.to(self.vae.dtype)
         shift, scale = (value.to(latents) for value in vae_latent_shift_and_scale(self.vae.config))
         return self.vae.decode(latents / scale + shift).sample
@@ -274,8 +284,9 @@ class SiTPipeline(DiffusionPipeline, SiTLoraLoaderMixin):
                 e.g. ``(0.0, 0.7)`` in the paper.
             generator: random generator(s) for the initial latents and the SDE noise.
             latents: initial noise (N, C, H, W) at t = 1, one per label; drawn from `generator` if not given.
-            output_type: ``"pil"``, ``"np"`` (N, H, W, 3) in [0, 1], ``"pt"`` (N, 3, H, W) in [0, 1], or ``"latent"``
-                (the final latents z, in the sampler's float64 state precision).
+            output_type: ``"pil"``, ``"np"`` (N, H, W, 3) in [0, 1], ``"pt"`` (N, 3, H, W) in [0, 1] (the VAE's dtype;
+                float32 in pixel space), or ``"latent"`` (the final latents z, or in pixel space the unclamped image
+                x in [-1, 1], in the sampler's float64 state precision).
             return_dict: return an [`ImagePipelineOutput`] instead of a tuple.
             callback_on_step_end: called after every step as ``callback(pipe, i, t, {"latents": ...})``; may return
                 replacement ``latents``.
