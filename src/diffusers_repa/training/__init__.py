@@ -13,6 +13,7 @@ __all__, __getattr__, __dir__ = lazy_exports(
         "ema": ["EMA"],
         "hub": ["push_export_to_hub", "render_model_card"],
         "preflight": ["SourcesUnreachableError", "check_sources_reachable"],
+        "run_lock": ["OutputDirInUseError", "RunLock", "acquire_run_lock"],
         "trainer": ["LORA_TARGET_MODULES", "NonFiniteLossError", "REPATrainer"],
     },
 )
