@@ -1,5 +1,6 @@
 """Alignment-target encoders: token shapes, CLS/register removal, preprocessing parity with the original REPA,
-DINOv2 position-table resampling, freezing, autocast, names and token-grid checks.
+DINOv2 position-table resampling, freezing, autocast, names, a token stride declared by the checkpoint, token-grid
+checks and atomic folder writes.
 
 Every encoder here is a tiny random model built and saved locally (no download).
 """
@@ -24,12 +25,14 @@ from transformers import (
 from diffusers_repa.encoders import (
     ENCODER_ALIASES,
     FAMILIES,
+    TOKEN_STRIDE_CONFIG_KEY,
     check_token_grid,
     interpolate_tokens,
     load_encoder,
     load_encoders,
     save_tiny_random_encoder,
 )
+from diffusers_repa.encoders.folders import write_folder_atomically
 
 from .conftest import load_reference
 
@@ -250,6 +253,50 @@ def test_check_token_grid(tiny_encoders):
     with pytest.raises(ValueError, match="16×16 grid") as error:
         check_token_grid(encoder, 64)
     assert "8×8 grid (64 tokens)" in str(error.value) and "--interpolate_targets" in str(error.value)
+
+
+def declare_token_stride(folder, stride) -> None:
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, TOKEN_STRIDE_CONFIG_KEY: stride}))
+
+
+def test_checkpoint_declares_its_token_stride(tmp_path):
+    folder = save_tiny_random_encoder("dinov2", tmp_path / "stride4")  # patch 14
+    declare_token_stride(folder, 4)
+    images = torch.randint(0, 256, (2, 3, 16, 16), dtype=torch.uint8)
+    encoder = load_encoder(folder, resolution=16)
+    assert (encoder.token_stride, encoder.grid_size, encoder.num_tokens, encoder.input_size) == (4, 4, 16, 56)
+    assert encoder(images).shape == (2, 16, 32)
+    assert encoder.model.embeddings.position_embeddings.shape == (1, 1 + 16, 32)
+    assert load_encoder(folder, resolution=32).num_tokens == 64
+    with pytest.raises(ValueError, match="multiple of 4, the token stride"):
+        load_encoder(folder, resolution=18)
+    with pytest.raises(ValueError, match="16 tokens") as error:
+        check_token_grid(encoder, 4)
+    assert "4 px per token" in str(error.value)
+    for bad in (0, "4", True):
+        declare_token_stride(folder, bad)
+        with pytest.raises(ValueError, match=f"{TOKEN_STRIDE_CONFIG_KEY}=.*positive int"):
+            load_encoder(folder, resolution=16)
+
+
+def test_write_folder_atomically(tmp_path):
+    target = tmp_path / "model"
+    with write_folder_atomically(target) as staging:
+        (staging / "weights").write_text("one")
+        assert not target.exists()
+    assert (target / "weights").read_text() == "one"
+
+    with pytest.raises(FileExistsError), write_folder_atomically(target) as staging:
+        (staging / "weights").write_text("two")
+    with pytest.raises(RuntimeError), write_folder_atomically(target, replace=True) as staging:
+        (staging / "weights").write_text("two")
+        raise RuntimeError("interrupted")
+    assert (target / "weights").read_text() == "one"
+    with write_folder_atomically(target, replace=True) as staging:
+        (staging / "weights").write_text("two")
+    assert (target / "weights").read_text() == "two"
+    assert [path.name for path in tmp_path.iterdir()] == ["model"]  # no staging or retired folders left
 
 
 def test_interpolate_tokens():

@@ -1,7 +1,7 @@
 """Frozen pretrained vision encoders (DINOv2, DINOv3, CLIP, SigLIP, MAE, I-JEPA) as REPA alignment targets."""
 
 from .families import FAMILIES, MODEL_TYPE_TO_FAMILY, EncoderFamily, resample_position_embeddings
-from .registry import ENCODER_ALIASES, TOKEN_STRIDE, EncoderSpec
+from .registry import ENCODER_ALIASES, TOKEN_STRIDE, TOKEN_STRIDE_CONFIG_KEY, EncoderSpec
 from .tiny import save_tiny_random_encoder
 from .tokens import check_token_grid, interpolate_tokens
 from .vision_encoder import FrozenVisionEncoder, load_encoder, load_encoders
@@ -11,6 +11,7 @@ __all__ = [
     "FAMILIES",
     "MODEL_TYPE_TO_FAMILY",
     "TOKEN_STRIDE",
+    "TOKEN_STRIDE_CONFIG_KEY",
     "EncoderFamily",
     "EncoderSpec",
     "FrozenVisionEncoder",

@@ -154,6 +154,24 @@ class EncoderFamily(ABC):
             )
         return model
 
+    def pixel_values(self, images: torch.Tensor, input_size: int) -> torch.Tensor:
+        """uint8 (N, 3, R, R) → normalised float32 pixels (N, 3, S, S), S = `input_size`, as the original REPA.
+
+        ÷255, then the family's mean/std and a bicubic resize (no antialias) to S when S ≠ R: normalisation first for
+        DINOv2/DINOv3/I-JEPA/MAE, resize first for CLIP/SigLIP. Computed in float32 with autocast disabled.
+        """
+        with torch.autocast(device_type=images.device.type, enabled=False):
+            mean = torch.tensor(self.image_mean, dtype=torch.float32, device=images.device).view(1, 3, 1, 1)
+            std = torch.tensor(self.image_std, dtype=torch.float32, device=images.device).view(1, 3, 1, 1)
+            pixels = images.to(torch.float32) / 255.0
+            if self.normalize_before_resize:
+                pixels = (pixels - mean) / std
+            if pixels.shape[-1] != input_size:
+                pixels = F.interpolate(pixels, size=(input_size, input_size), mode="bicubic")
+            if not self.normalize_before_resize:
+                pixels = (pixels - mean) / std
+        return pixels
+
     @abstractmethod
     def set_token_grid(self, model: PreTrainedModel, grid_size: int) -> None:
         """Fit the position encoding to a `grid_size`×`grid_size` patch grid, once, at load time."""

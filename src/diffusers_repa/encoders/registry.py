@@ -8,6 +8,9 @@ from dataclasses import dataclass
 # (256 px → 32×32 latent → 16×16 tokens). Every encoder is fed images sized so that its patch grid is
 # `resolution // TOKEN_STRIDE` per side, which is what the original REPA does (224 px for patch 14 at 256 px).
 TOKEN_STRIDE = 16
+# Config field by which a checkpoint declares another stride (e.g. 4: a 4×4 grid for the 16-px pixel-space SiT of
+# patch 4); `load_encoder` reads it, and checkpoints without it (every Hub encoder) use TOKEN_STRIDE.
+TOKEN_STRIDE_CONFIG_KEY = "repa_token_stride"
 
 
 @dataclass(frozen=True)

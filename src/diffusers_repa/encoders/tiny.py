@@ -7,8 +7,6 @@ their features are RANDOM, so a model aligned to them learns nothing useful.
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -32,6 +30,7 @@ from transformers import (
 )
 
 from .families import quiet_transformers
+from .folders import write_folder_atomically
 from .vision_encoder import RANDOM_SMOKE_ENCODER_FLAG
 
 # The Hub checkpoints' native image size and patch size per family (DINOv2: 518 px / 14 → a 37×37 table).
@@ -160,16 +159,8 @@ def save_tiny_random_encoder(
                 if name.endswith(_LEARNED_TOKENS) and not parameter.any():
                     parameter.normal_(std=0.02)
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
-    try:
+    with write_folder_atomically(path) as staging:
         with quiet_transformers():  # it checks a default SigLIP text config whose token ids exceed its own vocabulary
             model.save_pretrained(staging)
         (staging / "README.md").write_text(_MODEL_CARD.format(family=family))
-        if path.exists():
-            path.rmdir()  # empty, checked above
-        os.replace(staging, path)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return path

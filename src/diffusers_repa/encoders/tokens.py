@@ -32,9 +32,10 @@ def check_token_grid(encoder: FrozenVisionEncoder, model_num_tokens: int) -> Non
     raise ValueError(
         f"Alignment target {encoder.name!r} gives a {_describe_grid(encoder.num_tokens)} for {encoder.resolution}-px "
         f"images, but the SiT model has a {_describe_grid(model_num_tokens)}; REPA aligns them token by token. "
-        f"Make the SiT grid {encoder.grid_size}×{encoder.grid_size} (latent side / patch size = {encoder.grid_size}, "
-        f"e.g. patch size 2 with an 8x VAE at {encoder.resolution} px), or pass --interpolate_targets to resize the "
-        f"encoder tokens bilinearly to the model's grid (`interpolate_tokens`)."
+        f"Make the SiT grid {encoder.grid_size}×{encoder.grid_size} (latent side / patch size = {encoder.grid_size}: "
+        f"patch size × VAE downsampling = {encoder.token_stride} px per token, e.g. patch size 2 with an 8x VAE for "
+        f"16, or patch size 4 in pixel space for 4), or pass --interpolate_targets to resize the encoder tokens "
+        f"bilinearly to the model's grid (`interpolate_tokens`)."
     )
 
 

@@ -7,12 +7,11 @@ import os
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import AutoConfig, PreTrainedModel
 
 from .families import FAMILIES, MODEL_TYPE_TO_FAMILY, EncoderFamily
-from .registry import ENCODER_ALIASES, TOKEN_STRIDE, supported_encoders_text
+from .registry import ENCODER_ALIASES, TOKEN_STRIDE, TOKEN_STRIDE_CONFIG_KEY, supported_encoders_text
 
 logger = logging.getLogger(__name__)
 
@@ -24,30 +23,40 @@ class FrozenVisionEncoder(nn.Module):
     """A frozen vision transformer that maps uint8 images to the patch tokens REPA aligns to.
 
     Call it on uint8 images (N, 3, R, R), R = `resolution`; it returns float32 patch tokens (N, T, D) with
-    T = (R / 16)² (256 at 256 px, 1024 at 512 px) and D = `embed_dim`, CLS and register tokens removed. Preprocessing
-    follows the original REPA for each family (see `preprocess`). It runs without gradients and under whatever
-    autocast is active; parameters never require grad and the module stays in eval mode even if `.train()` is called
-    on it or a parent module.
+    T = (R / s)², s = `token_stride` (16: 256 tokens at 256 px, 1024 at 512 px) and D = `embed_dim`, CLS and register
+    tokens removed. Preprocessing follows the original REPA for each family (see `preprocess`). It runs without
+    gradients and under whatever autocast is active; parameters never require grad and the module stays in eval mode
+    even if `.train()` is called on it or a parent module.
 
     Attributes:
         name: the name it was loaded by (REPA alias in lower case, Hub id or folder).
         family: family key (`dinov2`, `dinov2reg`, `dinov3`, `clip`, `siglip`, `mae`, `jepa`).
         resolution: side R of the images it accepts.
-        input_size: side of the images fed to the ViT (patch size × R / 16, e.g. 224 for DINOv2 at 256 px).
-        grid_size: patch tokens per side (R / 16).
+        token_stride: image pixels per token along each side, s (16, REPA's; a checkpoint may declare another in its
+            config field `repa_token_stride`).
+        input_size: side of the images fed to the ViT (patch size × R / s, e.g. 224 for DINOv2 at 256 px).
+        grid_size: patch tokens per side (R / s).
         num_tokens: T = grid_size².
         embed_dim: D.
         model: the underlying transformers model (its position table already fitted to `grid_size`).
     """
 
-    def __init__(self, model: PreTrainedModel, family: EncoderFamily, name: str, resolution: int) -> None:
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        family: EncoderFamily,
+        name: str,
+        resolution: int,
+        token_stride: int = TOKEN_STRIDE,
+    ) -> None:
         super().__init__()
         self.model = model
         self._family = family
         self.family = family.name
         self.name = name
         self.resolution = resolution
-        self.grid_size = resolution // TOKEN_STRIDE
+        self.token_stride = token_stride
+        self.grid_size = resolution // token_stride
         self.num_tokens = self.grid_size**2
         self.input_size = self.grid_size * model.config.patch_size
         self.embed_dim = model.config.hidden_size
@@ -59,11 +68,8 @@ class FrozenVisionEncoder(nn.Module):
         return super().train(False)
 
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 (N, 3, R, R) → normalised float32 pixels (N, 3, S, S), S = `input_size`, as the original REPA.
-
-        ÷255, then the family's mean/std and a bicubic resize (no antialias) to S when S ≠ R: normalisation first for
-        DINOv2/DINOv3/I-JEPA/MAE, resize first for CLIP/SigLIP. Computed in float32 with autocast disabled.
-        """
+        """uint8 (N, 3, R, R) → normalised float32 pixels (N, 3, S, S), S = `input_size`, as the original REPA (see
+        `EncoderFamily.pixel_values`), after checking the dtype and the shape."""
         if images.dtype != torch.uint8:
             raise TypeError(f"{self.name} expects uint8 images in [0, 255], got dtype {images.dtype}.")
         if images.ndim != 4 or images.shape[1] != 3 or images.shape[2:] != (self.resolution, self.resolution):
@@ -71,17 +77,7 @@ class FrozenVisionEncoder(nn.Module):
                 f"{self.name} was loaded for images (N, 3, {self.resolution}, {self.resolution}), got "
                 f"{tuple(images.shape)}. Load it with resolution={images.shape[-1]} for other image sizes."
             )
-        with torch.autocast(device_type=images.device.type, enabled=False):
-            mean = torch.tensor(self._family.image_mean, dtype=torch.float32, device=images.device).view(1, 3, 1, 1)
-            std = torch.tensor(self._family.image_std, dtype=torch.float32, device=images.device).view(1, 3, 1, 1)
-            pixels = images.to(torch.float32) / 255.0
-            if self._family.normalize_before_resize:
-                pixels = (pixels - mean) / std
-            if self.input_size != self.resolution:
-                pixels = F.interpolate(pixels, size=(self.input_size, self.input_size), mode="bicubic")
-            if not self._family.normalize_before_resize:
-                pixels = (pixels - mean) / std
-        return pixels
+        return self._family.pixel_values(images, self.input_size)
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -98,6 +94,14 @@ class _ResolvedEncoder:
     name: str  # the alias in its canonical (lower-case) spelling, else the Hub id / folder as given
     source: str  # what `from_pretrained` loads
     family: EncoderFamily
+    token_stride: int  # TOKEN_STRIDE unless the checkpoint's config declares its own
+
+
+def _declared_token_stride(config, name: str) -> int:
+    stride = getattr(config, TOKEN_STRIDE_CONFIG_KEY, TOKEN_STRIDE)
+    if isinstance(stride, bool) or not isinstance(stride, int) or stride <= 0:
+        raise ValueError(f"Encoder {name!r} declares {TOKEN_STRIDE_CONFIG_KEY}={stride!r}; it must be a positive int.")
+    return stride
 
 
 def _unknown_name_error(name: str, reason: str) -> ValueError:
@@ -110,7 +114,7 @@ def _unknown_name_error(name: str, reason: str) -> ValueError:
 def _resolve(name_or_path: str, revision: str | None, cache_dir: str | None) -> _ResolvedEncoder:
     spec = ENCODER_ALIASES.get(name_or_path.lower())
     if spec is not None:
-        return _ResolvedEncoder(name_or_path.lower(), spec.hub_id, FAMILIES[spec.family])
+        return _ResolvedEncoder(name_or_path.lower(), spec.hub_id, FAMILIES[spec.family], TOKEN_STRIDE)
     if "/" not in name_or_path and not os.path.isdir(name_or_path):
         raise _unknown_name_error(name_or_path, "not a supported name, Hub id or local folder")
     try:
@@ -127,7 +131,7 @@ def _resolve(name_or_path: str, revision: str | None, cache_dir: str | None) -> 
             name_or_path,
             f"model_type {config.model_type!r} is not a supported family ({', '.join(sorted(MODEL_TYPE_TO_FAMILY))})",
         )
-    return _ResolvedEncoder(name_or_path, name_or_path, FAMILIES[family])
+    return _ResolvedEncoder(name_or_path, name_or_path, FAMILIES[family], _declared_token_stride(config, name_or_path))
 
 
 def load_encoder(
@@ -146,9 +150,10 @@ def load_encoder(
             `dinov3-vit-b`, `siglip2-vit-b`, …; see `ENCODER_ALIASES`), a Hub id, or a local folder holding a
             transformers checkpoint of a supported family. Hub ids load from the cache when `HF_HUB_OFFLINE=1`.
             Remote code is never run.
-        resolution: side R of the (square, uint8) training images; a multiple of 16. The encoder yields (R/16)²
-            tokens: its position table is resampled once here (bicubic, antialias, as the original REPA). The
-            original supports 512 px only with DINOv2; other families follow the same rule there as an extension.
+        resolution: side R of the (square, uint8) training images; a multiple of the token stride s (16, or what
+            the checkpoint declares in its config field `repa_token_stride`). The encoder yields (R/s)² tokens: its
+            position table is resampled once here (bicubic, antialias, as the original REPA). The original
+            supports 512 px only with DINOv2; other families follow the same rule there as an extension.
         dtype: dtype of the weights (default float32). The output is float32 regardless.
         device: where to put the weights.
         revision: Hub revision.
@@ -161,12 +166,15 @@ def load_encoder(
         ValueError: unknown name (the message lists the supported ones), unsupported family, bad resolution, or a
             checkpoint missing weights.
     """
-    if not isinstance(resolution, int) or resolution <= 0 or resolution % TOKEN_STRIDE:
-        raise ValueError(
-            f"resolution must be a positive multiple of {TOKEN_STRIDE} (e.g. 256 or 512), got {resolution}."
-        )
+    if isinstance(resolution, bool) or not isinstance(resolution, int) or resolution <= 0:
+        raise ValueError(f"resolution must be a positive int (e.g. 256 or 512), got {resolution!r}.")
     cache_dir = os.fspath(cache_dir) if cache_dir is not None else None
     resolved = _resolve(os.fspath(name_or_path).strip(), revision, cache_dir)
+    if resolution % resolved.token_stride:
+        raise ValueError(
+            f"resolution must be a multiple of {resolved.token_stride}, the token stride of {resolved.name!r} "
+            f"(pixels per token), got {resolution}."
+        )
     model = resolved.family.load(resolved.source, revision=revision, cache_dir=cache_dir)
     if getattr(model.config, RANDOM_SMOKE_ENCODER_FLAG, False):
         logger.warning(
@@ -174,9 +182,9 @@ def load_encoder(
             "its features are meaningless for representation alignment.",
             resolved.name,
         )
-    resolved.family.set_token_grid(model, resolution // TOKEN_STRIDE)
+    resolved.family.set_token_grid(model, resolution // resolved.token_stride)
     model.to(device=device, dtype=dtype)
-    return FrozenVisionEncoder(model, resolved.family, name=resolved.name, resolution=resolution)
+    return FrozenVisionEncoder(model, resolved.family, resolved.name, resolution, resolved.token_stride)
 
 
 def load_encoders(
