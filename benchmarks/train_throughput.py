@@ -1,9 +1,9 @@
 """Training-step throughput of SiT + REPA with the alignment encoder in the loop: images/s, peak memory, MFU.
 
-One step = what the trainer does per optimizer step on a batch from the latent cache: sample latents from the cached
-posterior, encode the uint8 crops with the frozen encoder (no grad), REPA loss (velocity MSE + λ·alignment),
-backward, clip the global grad norm to 1, AdamW, EMA update. Inputs are random tensors of the real shapes; the data
-loader is not timed.
+One step = the trainer's own `TrainingStep` (imported, not copied) on a batch in the latent cache's layout: sample
+latents from the cached posterior, encode the uint8 crops with the frozen encoder (no grad), REPA loss (velocity MSE
++ λ·alignment), backward, clip the global grad norm to 1, the non-finite check, AdamW, EMA update. Inputs are random
+tensors of the real shapes; the data loader is not timed.
 
 MFU (model FLOP utilisation) = model FLOPs per image × images/s ÷ the device's dense peak. Model FLOPs per image are
 counted analytically: SiT forward = 2·(per-token matmul weights)·T + 2·(per-sample matmul weights) + 4·T²·D per
@@ -25,6 +25,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import functools
+import itertools
 import logging
 import tempfile
 import time
@@ -33,6 +35,7 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import torch
+from accelerate import Accelerator
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -61,9 +64,10 @@ from diffusers_repa.encoders import (
     load_encoder,
     save_tiny_random_encoder,
 )
-from diffusers_repa.losses import repa_loss
 from diffusers_repa.models.transformer_sit import SiTTransformer2DModel
-from diffusers_repa.training.ema import EMA
+from diffusers_repa.training.ema import create_ema
+from diffusers_repa.training.objectives import REPAFlowObjective
+from diffusers_repa.training.step import TrainingStep
 
 logger = logging.getLogger(__name__)
 
@@ -132,7 +136,7 @@ class StepOptions:
             memory-efficient), `cudnn` (cuDNN attention, CUDA only).
         compile: regional `torch.compile` of the transformer blocks (`compile_repeated_blocks`).
         fused_adamw: `AdamW(fused=True)` instead of torch's default implementation.
-        foreach_ema: the library's `EMA` (one `_foreach_lerp_`) instead of a per-parameter loop.
+        foreach_ema: diffusers' `EMAModel` with `foreach=True` (one kernel for all tensors) instead of its loop.
         encoder_precision: dtype of the encoder's weights (under `precision` autocast either way).
         compile_encoder: `torch.compile` of the encoder (as the trainer's `--compile`).
         gradient_checkpointing: recompute each block in the backward pass.
@@ -152,14 +156,14 @@ class StepOptions:
 ABLATION_LADDER: tuple[tuple[str, str, dict[str, Any]], ...] = (
     (
         "baseline",
-        "fp32 eager, math SDPA, default AdamW, per-parameter EMA loop",
+        "fp32 eager, math SDPA, default AdamW, per-tensor EMA loop",
         {"precision": "fp32", "sdpa": "math", "foreach_ema": False},
     ),
     ("bf16", "+ bf16 autocast", {"precision": "bf16"}),
     ("sdpa_flash", "+ fused SDPA kernels (flash) instead of math", {"sdpa": "flash"}),
     ("compile", "+ regional torch.compile of the blocks", {"compile": True}),
     ("fused_adamw", "+ AdamW(fused=True)", {"fused_adamw": True}),
-    ("foreach_ema", "+ foreach EMA (one _foreach_lerp_)", {"foreach_ema": True}),
+    ("foreach_ema", "+ foreach EMA (one kernel for all tensors)", {"foreach_ema": True}),
     ("encoder_bf16", "+ encoder weights in bf16", {"encoder_precision": "bf16"}),
     ("encoder_compile", "+ torch.compile of the encoder", {"compile_encoder": True}),
 )
@@ -223,13 +227,14 @@ def load_benchmark_encoder(name: str, resolution: int, device: torch.device) -> 
 
 
 class TrainingStepBenchmark:
-    """A SiT model, its alignment encoder, optimiser, EMA and one batch, ready to time training steps.
+    """A SiT model, its alignment encoder, optimiser, EMA and one batch, ready to time the trainer's training step.
 
-    The batch is one micro-batch as the trainer's loader yields it (`latent_mean`, `latent_std`: the cached VAE
-    posterior (N, 4, h, w); `image`: uint8 crops (N, 3, R, R); `label`: (N,)); `with_random_inputs` makes one of the
-    real shapes. As in the trainer, the posterior noise, t and the noise of x_t come from `generator` and label
-    dropout from the global RNG: with the trainer's hyper-parameters (lr 1e-4, no weight decay, clip 1, EMA 0.9999,
-    λ 0.5) a step equals `REPATrainer`'s (tests/test_trainer.py checks it).
+    Every timed step is `diffusers_repa.training.TrainingStep` — the trainer's own step, not a copy — with the
+    trainer's objective (`REPAFlowObjective`: a fresh posterior sample, the encoder's targets, velocity MSE +
+    λ·alignment), clipping, non-finite guard, AdamW and EMA; only the components differ between options. The batch
+    is one micro-batch as the trainer's loader yields it (`latent_mean`, `latent_std`: the cached VAE posterior
+    (N, 4, h, w); `image`: uint8 crops (N, 3, R, R); `label`: (N,)); `with_random_inputs` makes one of the real
+    shapes. The hyper-parameters are the trainer's defaults (lr 1e-4, no weight decay, clip 1, EMA 0.9999, λ 0.5).
 
     Optional pieces (fused optimiser, bf16 / compiled encoder copies, compiled blocks) are created on first use so that
     one instance can time several `StepOptions` back to back on the same weights.
@@ -242,16 +247,19 @@ class TrainingStepBenchmark:
         batch: dict[str, torch.Tensor],
         device: torch.device,
         seed: int = 0,
+        mixed_precision: str = "no",
     ):
         self.device, self.batch_size = device, len(batch["label"])
+        # The accelerator brings the trainer's backward (fp16 loss scaling on CUDA), clipping and reductions; its
+        # state is process-wide, so one process benchmarks one `mixed_precision` (fp16 needs its grad scaler).
+        self.accelerator = Accelerator(mixed_precision=mixed_precision, cpu=device.type == "cpu")
         self.model = model.to(device).train()
         check_token_grid(encoder, self.model.num_tokens)
         self.batch = {name: value.to(device) for name, value in batch.items()}
         self.encoders: dict[tuple[str, bool], Callable[[torch.Tensor], torch.Tensor]] = {("fp32", False): encoder}
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizers: dict[bool, torch.optim.Optimizer] = {}
-        self.ema = EMA(self.model, decay=0.9999)
-        self.scaler = torch.amp.GradScaler(device.type)
+        self.ema = create_ema(self.params, decay=0.9999)
         self.generator = torch.Generator(device).manual_seed(seed)
         self.compiled = False
 
@@ -265,6 +273,7 @@ class TrainingStepBenchmark:
         encoder: FrozenVisionEncoder,
         size_overrides: dict[str, int] | None = None,
         seed: int = 0,
+        mixed_precision: str = "no",
     ) -> TrainingStepBenchmark:
         """A new `preset` model (seeded) and a random batch of the real shapes at `resolution` px."""
         if batch_size < 1:
@@ -284,7 +293,7 @@ class TrainingStepBenchmark:
                 "image": torch.randint(0, 256, (batch_size, 3, resolution, resolution), dtype=torch.uint8),
                 "label": torch.randint(0, model.config.num_classes, (batch_size,)),
             }
-        return cls(model, encoder, batch, device, seed)
+        return cls(model, encoder, batch, device, seed, mixed_precision)
 
     def encoder(self, precision: str, compiled: bool = False) -> Callable[[torch.Tensor], torch.Tensor]:
         key = (precision, compiled)
@@ -298,21 +307,17 @@ class TrainingStepBenchmark:
     def optimizer(self, fused: bool) -> torch.optim.Optimizer:
         if fused not in self.optimizers:
             # REPA's settings: constant lr 1e-4, no weight decay. `fused=None` is torch's default choice (foreach
-            # on CUDA, the per-tensor loop on the CPU).
-            self.optimizers[fused] = torch.optim.AdamW(self.params, lr=1e-4, weight_decay=0.0, fused=fused or None)
+            # on CUDA, the per-tensor loop on the CPU). Prepared, so that the step's clipping unscales fp16 gradients.
+            optimizer = torch.optim.AdamW(self.params, lr=1e-4, weight_decay=0.0, fused=fused or None)
+            self.optimizers[fused] = self.accelerator.prepare_optimizer(optimizer)
         return self.optimizers[fused]
-
-    @torch.no_grad()
-    def _ema_loop(self) -> None:
-        """The original REPA EMA update: two kernels per parameter (the baseline the foreach EMA replaces)."""
-        decay = self.ema.decay
-        for averaged, param in zip(self.ema.averaged_params, self.params):
-            averaged.mul_(decay).add_(param.detach(), alpha=1 - decay)
 
     def step_function(self, options: StepOptions) -> Callable[[], None]:
         """A closure running one full training step with `options` (it syncs with the device once, as the trainer)."""
         if options.precision not in PRECISIONS or options.encoder_precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {options}.")
+        if (options.precision == "fp16") != (self.accelerator.mixed_precision == "fp16"):
+            raise ValueError("fp16 steps need a benchmark built with mixed_precision='fp16' (and only they do).")
         if options.sdpa not in SDPA_CHOICES:
             raise ValueError(f"sdpa must be one of {SDPA_CHOICES}, got {options.sdpa!r}.")
         if options.compile and not self.compiled:
@@ -325,37 +330,27 @@ class TrainingStepBenchmark:
             self.model.enable_gradient_checkpointing()
         else:
             self.model.disable_gradient_checkpointing()
-        encoder = self.encoder(options.encoder_precision, options.compile_encoder)
-        optimizer = self.optimizer(options.fused_adamw)
-        use_scaler = options.precision == "fp16"
-
-        mean, std = self.batch["latent_mean"], self.batch["latent_std"]
+        autocast = functools.partial(_autocast, self.device, options.precision)
+        objective = REPAFlowObjective(
+            [self.encoder(options.encoder_precision, options.compile_encoder)],
+            latent_scale=SD_VAE_SCALING_FACTOR,
+            autocast=autocast,
+        )
+        training_step = TrainingStep(
+            self.accelerator,
+            self.model,
+            objective,
+            self.optimizer(options.fused_adamw),
+            self.ema,
+            self.generator,
+            autocast=autocast,
+        )
+        micro_batches = itertools.repeat(self.batch)
 
         def step() -> None:
-            noise = torch.randn(mean.shape, generator=self.generator, device=mean.device, dtype=mean.dtype)
-            latents = (mean + std * noise) * SD_VAE_SCALING_FACTOR  # a fresh sample of the cached posterior
-            with _sdpa_context(options.sdpa), _autocast(self.device, options.precision):
-                targets = [encoder(self.batch["image"])]
-                loss = repa_loss(self.model, latents, self.batch["label"], targets, generator=self.generator).loss
-            if use_scaler:
-                self.scaler.scale(loss).backward()
-                self.scaler.unscale_(optimizer)
-            else:
-                loss.backward()
-            torch.nn.utils.clip_grad_norm_(self.params, max_norm=1.0)
-            # As the trainer: one host sync per step, and no update from a non-finite loss.
-            if torch.isfinite(loss).item():
-                if use_scaler:
-                    self.scaler.step(optimizer)
-                else:
-                    optimizer.step()
-                if options.foreach_ema:
-                    self.ema.update(self.model)
-                else:
-                    self._ema_loop()
-            if use_scaler:
-                self.scaler.update()
-            optimizer.zero_grad(set_to_none=True)
+            self.ema.foreach = options.foreach_ema  # diffusers' EMAModel: one foreach kernel, or a per-tensor loop
+            with _sdpa_context(options.sdpa):
+                training_step(micro_batches, step=0)
 
         return step
 
@@ -398,8 +393,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     encoder, encoder_label = load_benchmark_encoder(args.encoder, args.resolution, device)
     overrides = model_overrides(args)
     bench = TrainingStepBenchmark.with_random_inputs(
-        args.preset, args.batch_size, args.resolution, device, encoder, overrides, args.seed
-    )
+        args.preset, args.batch_size, args.resolution, device, encoder, overrides, args.seed,
+        mixed_precision="fp16" if args.precision == "fp16" and not args.ablate else "no",
+    )  # fmt: skip
     sit_flops = sit_forward_flops(bench.model.config, with_projections=True)
     flops_per_image = 3 * sit_flops + encoder_forward_flops(encoder)
     timing = {"warmup": args.warmup, "iterations": args.iterations, "repeats": args.repeats}

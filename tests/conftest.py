@@ -20,6 +20,21 @@ REPA_REFERENCE = FIXTURES / "repa_reference"
 SIT_TINY = REPA_REFERENCE / "sit_tiny"
 
 
+def reset_accelerate_state() -> None:
+    """Forget accelerate's process-wide singletons, so that the next Accelerator may use other settings (mixed
+    precision, accumulation steps)."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    yield
+    reset_accelerate_state()
+
+
 def load_reference(name: str) -> dict[str, torch.Tensor]:
     """Tensors of one reference file, e.g. ``load_reference("forward")`` for ``sit_tiny/forward.safetensors``."""
     return load_file(str(SIT_TINY / f"{name}.safetensors"))

@@ -20,7 +20,9 @@ from diffusers_repa.encoders import load_encoder, save_tiny_random_encoder
 from diffusers_repa.models.transformer_sit import SiTTransformer2DModel
 from diffusers_repa.pipelines.pipeline_sit import SiTPipeline
 from diffusers_repa.schedulers import SiTSDEScheduler
+from diffusers_repa.training.objectives import REPAFlowObjective
 from diffusers_repa.training.quickstart import save_tiny_random_vae
+from diffusers_repa.training.step import TrainingStep
 
 TINY_SIT = ["--preset", "SiT-S/2", "--depth", "2", "--hidden_size", "64", "--num_attention_heads", "2"]
 CPU_RUN = ["--device", "cpu", "--num_threads", "1", "--resolution", "64", "--batch_size", "2"]
@@ -102,7 +104,7 @@ def test_peak_table_by_device_name(monkeypatch):
     assert peak_tflops(torch.device("cpu"), "bf16")[0] is None
 
 
-@pytest.mark.parametrize("precision", ["fp32", "fp16"])  # fp16 goes through the GradScaler
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])  # fp16: an fp16 accelerator, as the trainer's (scaler on CUDA)
 def test_train_throughput_main(tiny_encoder_path, tmp_path, precision):
     argv = TINY_SIT + CPU_RUN + ["--encoder_depth", "1", "--encoder", str(tiny_encoder_path), "--precision", precision]
     argv += ["--fused_adamw", "--warmup", "1", "--iterations", "1", "--repeats", "2", "--output", str(tmp_path)]
@@ -119,6 +121,27 @@ def test_train_throughput_main(tiny_encoder_path, tmp_path, precision):
     assert result["model"] == "SiT-S/2 (depth=2, hidden_size=64, num_attention_heads=2, encoder_depth=1)"
     # 3 × SiT forward + one encoder forward.
     assert result["train_gflops_per_image"] > 3 * result["sit_forward_gflops_per_image"]
+
+
+def test_the_benchmark_times_the_trainers_own_step(tiny_encoder_path, monkeypatch):
+    # By construction: the benchmark's step is diffusers_repa.training.TrainingStep with the trainer's objective.
+    calls = []
+    original = TrainingStep.__call__
+    monkeypatch.setattr(TrainingStep, "__call__", lambda self, *a, **k: calls.append(self) or original(self, *a, **k))
+    encoder = load_encoder(tiny_encoder_path, 32)
+    bench = train_throughput.TrainingStepBenchmark.with_random_inputs(
+        "SiT-S/2",
+        2,
+        32,
+        torch.device("cpu"),
+        encoder,
+        {"depth": 2, "hidden_size": 64, "num_attention_heads": 2, "encoder_depth": 1},
+    )
+    before = [param.detach().clone() for param in bench.params]
+    bench.step_function(train_throughput.StepOptions(precision="fp32"))()
+    (step,) = calls
+    assert isinstance(step.objective, REPAFlowObjective) and step.ema is bench.ema
+    assert step.ema.optimization_step == 1 and not all(map(torch.equal, before, bench.params))
 
 
 def test_train_throughput_compiled_as_the_trainer(tiny_encoder_path):

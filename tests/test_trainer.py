@@ -13,12 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from accelerate.state import AcceleratorState, GradientState
-from benchmarks import train_throughput
 from diffusers import AutoencoderKL
 from safetensors.torch import load_file
 
 import diffusers_repa.training.hub as hub_module
+from conftest import reset_accelerate_state
 from diffusers_repa.data import build_latent_cache, load_latent_cache, make_train_dataloader, synthetic_class_dataset
 from diffusers_repa.encoders import load_encoder, save_tiny_random_encoder
 from diffusers_repa.losses import REPALossOutput, projection_loss
@@ -52,18 +51,6 @@ def assets(tmp_path_factory) -> TinyAssets:
     images = synthetic_class_dataset(num_classes=4, samples_per_class=4, resolution=RESOLUTION)
     cache = build_latent_cache(images, root / "cache", str(vae), RESOLUTION, num_workers=0, show_progress=False)
     return TinyAssets(vae, encoder, cache)
-
-
-def reset_accelerate_state() -> None:
-    """Forget accelerate's process-wide singletons, so that the next REPATrainer may use other settings."""
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-
-
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    yield
-    reset_accelerate_state()
 
 
 def tiny_args(assets: TinyAssets, output_dir: Path, **overrides) -> REPATrainingArguments:
@@ -151,7 +138,7 @@ def test_one_step_matches_a_hand_computed_step(assets, tmp_path):
     expected_ema = {
         name: decay * before + (1 - decay) * expected[name] for name, before in parameters(model_before).items()
     }
-    assert_same_tensors(parameters(trainer.ema.model), expected_ema)
+    assert_same_tensors(parameters(trainer.ema_model), expected_ema)
     trained_state = trainer.optimizer.state_dict()["state"]
     reference_state = optimizer.state_dict()["state"]
     for index, state in reference_state.items():
@@ -174,7 +161,7 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(assets, tmp_path)
     torch.testing.assert_close(
         parameters(resumed.unwrapped_model), parameters(straight.unwrapped_model), rtol=0, atol=0
     )
-    torch.testing.assert_close(parameters(resumed.ema.model), parameters(straight.ema.model), rtol=0, atol=0)
+    torch.testing.assert_close(parameters(resumed.ema_model), parameters(straight.ema_model), rtol=0, atol=0)
     torch.testing.assert_close(resumed.optimizer.state_dict(), straight.optimizer.state_dict(), rtol=0, atol=0)
     assert [path.name for path in list_checkpoints(tmp_path / "resumed")] == ["checkpoint-3", "checkpoint-6"]
 
@@ -221,28 +208,28 @@ def test_resume_from_a_missing_checkpoint_is_a_clear_error(assets, tmp_path):
 
 
 def nan_loss_on(trainer: REPATrainer, calls: set[int]):
-    """Replace `compute_loss` by one whose loss is NaN on the given (1-based) calls."""
-    original, counter = trainer.compute_loss, {"calls": 0}
+    """Wrap the training step's objective so that its loss is NaN on the given (1-based) calls."""
+    original, counter = trainer.training_step.objective, {"calls": 0}
 
-    def compute_loss(batch, align=True):
+    def objective(model, batch, generator, step):
         counter["calls"] += 1
-        losses = original(batch, align)
+        losses = original(model, batch, generator, step)
         if counter["calls"] in calls:
             return REPALossOutput(losses.loss * float("nan"), losses.denoising_loss, losses.projection_loss)
         return losses
 
-    trainer.compute_loss = compute_loss
+    trainer.training_step.objective = objective
 
 
 def test_nonfinite_losses_skip_the_update_and_stop_the_run(assets, tmp_path):
     trainer = REPATrainer(tiny_args(assets, tmp_path / "run", max_train_steps=10, max_nonfinite_steps=3))
-    weights, ema = parameters(trainer.unwrapped_model), parameters(trainer.ema.model)
+    weights, ema = parameters(trainer.unwrapped_model), parameters(trainer.ema_model)
     nan_loss_on(trainer, calls=set(range(1, 100)))
     with pytest.raises(NonFiniteLossError, match=r"NaN or infinite for 3 optimizer steps in a row \(steps 1–3\)"):
         trainer.train()
     assert trainer.optimizer.state_dict()["state"] == {}
     torch.testing.assert_close(parameters(trainer.unwrapped_model), weights, rtol=0, atol=0)
-    torch.testing.assert_close(parameters(trainer.ema.model), ema, rtol=0, atol=0)
+    torch.testing.assert_close(parameters(trainer.ema_model), ema, rtol=0, atol=0)
 
 
 def test_one_nonfinite_step_is_skipped_and_training_goes_on(assets, tmp_path):
@@ -303,7 +290,7 @@ def test_lora_fine_tuning_saves_an_adapter_that_reproduces_the_trained_model(ass
 
     sample = torch.randn(3, 4, 4, 4, generator=torch.Generator().manual_seed(0))
     t, labels = torch.tensor([0.1, 0.5, 0.9]), torch.tensor([0, 3, 6])
-    trained = trainer.ema.model.eval()(sample, t, labels, return_projections=False).sample
+    trained = trainer.ema_model.eval()(sample, t, labels, return_projections=False).sample
     pipe = SiTPipeline.from_pretrained(base_pipeline)
     base = pipe.transformer.eval()(sample, t, labels, return_projections=False).sample
     pipe.load_lora_weights(export_dir)
@@ -350,8 +337,8 @@ def test_export_is_a_loadable_pipeline_with_card_and_pushes_to_the_hub(assets, t
 def test_alignment_stops_after_the_given_step(assets, tmp_path):
     trainer = REPATrainer(tiny_args(assets, tmp_path / "run", max_train_steps=3, alignment_stop_step=1))
     encoder_calls = []
-    original = trainer.encode_targets
-    trainer.encode_targets = lambda images: encoder_calls.append(len(images)) or original(images)
+    original = trainer.objective.encode_targets
+    trainer.objective.encode_targets = lambda images: encoder_calls.append(len(images)) or original(images)
     logged = []
     trainer.accelerator.log = lambda values, step: logged.append(values)
     trainer.train()
@@ -414,7 +401,7 @@ def test_encoders_in_bf16_give_float32_targets_close_to_fp32_ones(assets, tmp_pa
     (encoder,) = trainer.encoders
     assert {param.dtype for param in encoder.parameters()} == {torch.bfloat16}
     images = torch.randint(0, 256, (4, 3, RESOLUTION, RESOLUTION), dtype=torch.uint8)
-    (targets,) = trainer.encode_targets(images)
+    (targets,) = trainer.objective.encode_targets(images)
     expected = load_encoder(assets.encoder, RESOLUTION)(images)
     assert targets.dtype == torch.float32
     torch.testing.assert_close(targets, expected, rtol=0.05, atol=0.05)
@@ -435,30 +422,3 @@ def test_compiled_training_matches_eager(assets, tmp_path):
     # Two AdamW steps of lr 1e-3 move a weight by up to 2e-3; dividing by √v turns rounding differences of tiny
     # gradients into differences of up to a few percent of that, far below what a wrong graph would cause.
     assert_same_tensors(parameters(compiled.unwrapped_model), parameters(eager.unwrapped_model), rtol=0, atol=1e-4)
-
-
-def test_the_throughput_benchmark_times_the_trainers_step(assets, tmp_path):
-    # benchmarks/train_throughput.py composes the step from library pieces (the trainer's needs a latent cache):
-    # from the same weights, batch and random streams, one step of each must give the same weights and EMA.
-    args = tiny_args(assets, tmp_path, max_train_steps=1, learning_rate=1e-4, ema_decay=0.9999)
-    trainer = REPATrainer(args)
-    batch = next(trainer._micro_batches(start_step=0))  # the batch train() starts with
-    bench = train_throughput.TrainingStepBenchmark(
-        copy.deepcopy(trainer.unwrapped_model), trainer.encoders[0], batch, torch.device("cpu")
-    )
-    bench.generator.set_state(trainer.generator.get_state())
-    step = bench.step_function(train_throughput.StepOptions(precision="fp32"))
-    initial = parameters(bench.model)
-
-    torch.manual_seed(7)  # label dropout
-    trainer.train()
-    torch.manual_seed(7)
-    step()
-    trained = parameters(trainer.unwrapped_model)
-    assert_same_tensors(parameters(bench.model), trained, rtol=1e-5, atol=1e-7)
-    assert_same_tensors(
-        dict(enumerate(bench.ema.averaged_params)), dict(enumerate(trainer.ema.averaged_params)), rtol=1e-5, atol=1e-7
-    )
-    assert all(
-        not torch.equal(trained[name], initial[name]) for name in ("patch_embed.weight", "projectors.0.0.weight")
-    )

@@ -10,10 +10,13 @@ __all__, __getattr__, __dir__ = lazy_exports(
     {
         "arguments": ["REPATrainingArguments", "load_config_file", "parse_training_args"],
         "checkpointing": ["list_checkpoints", "resolve_checkpoint", "save_checkpoint"],
-        "ema": ["EMA"],
+        "ema": ["create_ema"],
+        "model_setup": ["LORA_TARGET_MODULES", "build_model", "build_optimizer"],
+        "objectives": ["Objective", "REPAFlowObjective"],
+        "step": ["NonFiniteLossError", "StepOutput", "TrainingStep"],
         "hub": ["push_export_to_hub", "render_model_card"],
         "preflight": ["SourcesUnreachableError", "check_sources_reachable"],
         "run_lock": ["OutputDirInUseError", "RunLock", "acquire_run_lock"],
-        "trainer": ["LORA_TARGET_MODULES", "NonFiniteLossError", "REPATrainer"],
+        "trainer": ["REPATrainer", "TrainingInterrupted"],
     },
 )

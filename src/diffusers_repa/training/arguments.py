@@ -57,6 +57,13 @@ class REPATrainingArguments:
     resume_from_checkpoint: str | None = field(
         default=None, metadata=_help("'latest' (newest checkpoint in --output_dir) or a checkpoint folder.")
     )
+    resume_with_changes: str | None = field(
+        default=None,
+        metadata=_help(
+            "Comma-separated settings a resumed run may change on purpose (e.g. 'learning_rate,ema_decay'); any "
+            "other difference from the checkpoint's settings is refused."
+        ),
+    )
     push_to_hub: bool = field(default=False, metadata=_help("Upload the final export and its model card."))
     hub_model_id: str | None = field(default=None, metadata=_help("Hub repo id (default: name of --output_dir)."))
     hub_private_repo: bool = field(default=False, metadata=_help("Create the Hub repo as private."))
@@ -132,6 +139,13 @@ class REPATrainingArguments:
     adam_epsilon: float = field(default=1e-8, metadata=_help("AdamW ε."))
     max_grad_norm: float = field(default=1.0, metadata=_help("Clip the global gradient norm to this value."))
     ema_decay: float = field(default=0.9999, metadata=_help("EMA decay per optimizer step (0: EMA = model)."))
+    ema_warmup_power: float | None = field(
+        default=None,
+        metadata=_help(
+            "EMA warm-up for short runs: decay 1 − (1 + step)^−p, capped at --ema_decay (e.g. 0.75). Default: the "
+            "constant decay of the original REPA."
+        ),
+    )
     mixed_precision: Literal["no", "fp16", "bf16"] = field(default="fp16", metadata=_help("Autocast precision."))
     allow_tf32: bool = field(default=True, metadata=_help("TF32 matmuls on Ampere+ GPUs."))
     gradient_checkpointing: bool = field(default=False, metadata=_help("Recompute blocks in backward."))
@@ -154,12 +168,16 @@ class REPATrainingArguments:
             "logging_steps", "validation_steps", "checkpointing_steps", "max_train_steps", "global_batch_size",
             "gradient_accumulation_steps", "resolution", "max_nonfinite_steps", "num_validation_images",
             "validation_inference_steps", "max_grad_norm", "train_batch_size", "checkpoints_total_limit",
-            "max_train_samples",
+            "max_train_samples", "depth", "hidden_size", "num_attention_heads", "projector_dim",
         )  # fmt: skip
         for name in must_be_positive:
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ValueError(f"--{name} must be positive, got {value}.")
+        if os.path.exists(self.output_dir) and not os.path.isdir(self.output_dir):
+            raise NotADirectoryError(
+                f"--output_dir {self.output_dir} is a file: pass a folder (a new one, or this run's to resume it)."
+            )
         if not 0.0 <= self.cfg_prob < 1.0:
             raise ValueError(f"--cfg_prob must be in [0, 1), got {self.cfg_prob}.")
         if self.cfg_prob == 0 and self.validation_guidance_scale > 1:
@@ -177,10 +195,47 @@ class REPATrainingArguments:
             raise ValueError(
                 "--lora_rank fine-tunes a trained model: also pass --pretrained_model (folder or Hub id)."
             )
+        if self.lora_alpha is not None and not self.lora_rank:
+            raise ValueError("--lora_alpha scales LoRA adapters: also pass --lora_rank, or drop --lora_alpha.")
+        # The model's shape, checked here rather than when the model is built, which is after the latent cache.
+        if self.pretrained_model is not None:
+            resized = [f"--{name}" for name in ("depth", "hidden_size", "num_attention_heads") if getattr(self, name)]
+            if resized:
+                raise ValueError(
+                    f"{', '.join(resized)} size a new model, but --pretrained_model {self.pretrained_model} keeps its "
+                    "own sizes: drop them."
+                )
+            return
+        # Imported last, so that the cheap checks above answer without loading torch.
+        from ..models.transformer_sit import parse_sit_preset
+
+        try:
+            preset = parse_sit_preset(self.model)
+        except ValueError as error:
+            raise ValueError(f"--model: {error}") from None
+        depth = self.depth or preset["depth"]
+        hidden_size = self.hidden_size or preset["hidden_size"]
+        num_heads = self.num_attention_heads or preset["num_attention_heads"]
+        if hidden_size % num_heads:
+            raise ValueError(
+                f"The width {hidden_size} (--hidden_size, or {self.model}'s) must be divisible by the number of "
+                f"attention heads {num_heads} (--num_attention_heads, or {self.model}'s): change one of them."
+            )
+        encoder_depth = self.encoder_depth or preset["encoder_depth"]
+        if self.proj_coeff > 0 and not 1 <= encoder_depth <= depth:
+            source = "--encoder_depth" if self.encoder_depth else f"{self.model}'s default encoder depth"
+            raise ValueError(
+                f"{source} {encoder_depth} is not a block of a {depth}-block model (--depth, or {self.model}'s): "
+                f"pass --encoder_depth between 1 and {depth}."
+            )
 
     @property
     def use_lora(self) -> bool:
         return self.lora_rank > 0
+
+    @property
+    def settings_to_change(self) -> set[str]:
+        return {name.strip() for name in (self.resume_with_changes or "").split(",") if name.strip()}
 
     @property
     def encoder_names(self) -> list[str]:

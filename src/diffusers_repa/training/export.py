@@ -1,0 +1,86 @@
+"""What a run leaves for inference: sample grids of the EMA weights and the final export (a `SiTPipeline`, or a LoRA
+adapter, with a sample grid and a model card), written atomically."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import PIL.Image
+import torch
+from diffusers.utils import make_image_grid
+
+from ..pipelines.pipeline_sit import SiTPipeline
+
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+SAMPLE_GRID_NAME = "samples.png"
+EXPORT_STATE_NAME = "trainer_state.json"
+
+
+@torch.no_grad()
+def sample_grid(
+    pipeline: SiTPipeline,
+    labels: list[int],
+    noise: torch.Tensor,
+    num_inference_steps: int,
+    guidance_scale: float,
+    seed: int,
+    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+) -> PIL.Image.Image:
+    """Images of `pipeline` for `labels` from the fixed initial `noise` (N, C, h, w), as one grid (rows × cols as
+    square as the count allows)."""
+    pipeline.set_progress_bar_config(disable=True)
+    with autocast():
+        images = pipeline(
+            class_labels=labels,
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            latents=noise,
+            generator=torch.Generator(pipeline.device).manual_seed(seed),
+        ).images
+    rows = max(d for d in range(1, math.isqrt(len(images)) + 1) if len(images) % d == 0)
+    return make_image_grid(images, rows=rows, cols=len(images) // rows)
+
+
+def export_step(export_dir: str | Path) -> int | None:
+    """The training step an export folder was written at (None: no export there)."""
+    path = Path(export_dir) / EXPORT_STATE_NAME
+    return json.loads(path.read_text())["global_step"] if path.is_file() else None
+
+
+def write_export(
+    export_dir: str | Path,
+    pipeline: SiTPipeline,
+    *,
+    lora: bool,
+    grid: PIL.Image.Image,
+    card,
+    global_step: int,
+    extra_files: dict[str, Path] | None = None,
+) -> Path:
+    """Write the export into `<export_dir>.tmp`, then swap it into place, so a crash never leaves half an export.
+
+    Full training writes the whole `SiTPipeline` (loadable with `SiTPipeline.from_pretrained`); LoRA writes only the
+    adapter (`pytorch_lora_weights.safetensors`, for `pipe.load_lora_weights` on the base pipeline). Next to it: the
+    sample grid, the model card (a `huggingface_hub.ModelCard`), `trainer_state.json` (the step) and `extra_files`
+    (name in the export → file to copy, e.g. training curves).
+    """
+    export_dir = Path(export_dir)
+    staging = export_dir.with_name(export_dir.name + ".tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    if lora:
+        pipeline.transformer.save_lora_adapter(staging, weight_name=LORA_WEIGHT_NAME)
+    else:
+        pipeline.save_pretrained(staging)
+    grid.save(staging / SAMPLE_GRID_NAME)
+    for name, source in (extra_files or {}).items():
+        shutil.copyfile(source, staging / name)
+    card.save(staging / "README.md")
+    (staging / EXPORT_STATE_NAME).write_text(json.dumps({"global_step": global_step}))
+    shutil.rmtree(export_dir, ignore_errors=True)
+    staging.replace(export_dir)
+    return export_dir
