@@ -8,6 +8,8 @@ Everything runs on a tiny setup built once per module: 16 synthetic 32-px images
 import copy
 import dataclasses
 import json
+import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -17,7 +19,6 @@ from diffusers import AutoencoderKL
 from safetensors.torch import load_file
 
 import diffusers_repa.training.hub as hub_module
-from conftest import reset_accelerate_state
 from diffusers_repa.data import build_latent_cache, load_latent_cache, make_train_dataloader, synthetic_class_dataset
 from diffusers_repa.encoders import load_encoder, save_tiny_random_encoder
 from diffusers_repa.losses import REPALossOutput, projection_loss
@@ -28,10 +29,13 @@ from diffusers_repa.training import (
     NonFiniteLossError,
     REPATrainer,
     REPATrainingArguments,
+    TrainingInterrupted,
     list_checkpoints,
     resolve_checkpoint,
 )
 from diffusers_repa.training.quickstart import save_tiny_random_vae
+
+from .conftest import reset_accelerate_state
 
 RESOLUTION = 32
 
@@ -422,3 +426,126 @@ def test_compiled_training_matches_eager(assets, tmp_path):
     # Two AdamW steps of lr 1e-3 move a weight by up to 2e-3; dividing by √v turns rounding differences of tiny
     # gradients into differences of up to a few percent of that, far below what a wrong graph would cause.
     assert_same_tensors(parameters(compiled.unwrapped_model), parameters(eager.unwrapped_model), rtol=0, atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------- resume and stop
+
+
+def test_the_last_step_is_always_checkpointed_and_a_finished_run_is_not_redone(assets, tmp_path):
+    output_dir = tmp_path / "run"
+    trainer = trained(assets, output_dir, max_train_steps=3, checkpointing_steps=2)
+    assert [path.name for path in list_checkpoints(output_dir)] == ["checkpoint-2", "checkpoint-3"]
+    assert json.loads((output_dir / "pipeline" / "trainer_state.json").read_text()) == {"global_step": 3}
+
+    # The same command again: nothing to train, and the step-3 export stays as it is.
+    export_mtime = (output_dir / "pipeline" / "model_index.json").stat().st_mtime_ns
+    again = REPATrainer(tiny_args(assets, output_dir, max_train_steps=3, resume_from_checkpoint="latest"))
+    assert again.train() == output_dir / "pipeline"
+    assert (output_dir / "pipeline" / "model_index.json").stat().st_mtime_ns == export_mtime
+    assert_same_tensors(parameters(again.ema_model), parameters(trainer.ema_model), rtol=0, atol=0)
+
+
+def test_resuming_below_the_checkpoints_step_refuses_and_keeps_the_export(assets, tmp_path):
+    output_dir = tmp_path / "run"
+    trained(assets, output_dir, max_train_steps=3)
+    weights = load_file(output_dir / "pipeline" / "transformer" / "diffusion_pytorch_model.safetensors")
+    with pytest.raises(ValueError, match=r"checkpoint-3 is at step 3, beyond --max_train_steps 2: nothing to train"):
+        REPATrainer(tiny_args(assets, output_dir, max_train_steps=2, resume_from_checkpoint="latest"))
+    after = load_file(output_dir / "pipeline" / "transformer" / "diffusion_pytorch_model.safetensors")
+    assert_same_tensors(after, weights, rtol=0, atol=0)
+
+
+def test_sigterm_checkpoints_the_step_and_the_run_resumes_like_an_uninterrupted_one(assets, tmp_path):
+    straight = trained(assets, tmp_path / "straight", max_train_steps=4)
+
+    output_dir = tmp_path / "preempted"
+    trainer = REPATrainer(tiny_args(assets, output_dir, max_train_steps=4))
+    objective = trainer.training_step.objective
+
+    def preempted_during_step_2(model, batch, generator, step):
+        if step == 1:
+            os.kill(os.getpid(), signal.SIGTERM)  # the real signal, through the trainer's handler
+        return objective(model, batch, generator, step)
+
+    trainer.training_step.objective = preempted_during_step_2
+    with pytest.raises(TrainingInterrupted) as stopped:
+        trainer.train()
+    assert stopped.value.code == 128 + signal.SIGTERM
+    assert [path.name for path in list_checkpoints(output_dir)] == ["checkpoint-2"]
+    assert not (output_dir / "pipeline").exists()
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is gone with the loop
+    reset_accelerate_state()
+
+    resumed = REPATrainer(tiny_args(assets, output_dir, max_train_steps=4, resume_from_checkpoint="latest"))
+    assert resumed.global_step == 2
+    resumed.train()
+    assert_same_tensors(parameters(resumed.unwrapped_model), parameters(straight.unwrapped_model), rtol=0, atol=0)
+    assert_same_tensors(parameters(resumed.ema_model), parameters(straight.ema_model), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"learning_rate": 5e-4}, r"--learning_rate: 0\.001 in the checkpoint, 0\.0005 now.*--resume_with_changes"),
+        ({"num_attention_heads": 4}, r"--num_attention_heads: 2 in the checkpoint, 4 now.*start a new --output_dir"),
+        ({"path_type": "cosine"}, r"--path_type: 'linear' in the checkpoint, 'cosine' now"),
+        ({"seed": 1}, r"--seed: 0 in the checkpoint, 1 now"),
+        ({"learning_rate": 5e-4, "resume_with_changes": "path_type"}, r"--resume_with_changes names path_type"),
+    ],
+)
+def test_resuming_with_changed_settings_is_refused(assets, tmp_path, change, message):
+    trained(assets, tmp_path / "run", max_train_steps=1)
+    with pytest.raises(ValueError, match=message):
+        REPATrainer(tiny_args(assets, tmp_path / "run", resume_from_checkpoint="latest", **change))
+
+
+def test_a_change_asked_for_is_applied_and_recorded(assets, tmp_path):
+    trained(assets, tmp_path / "run", max_train_steps=1)
+    args = tiny_args(
+        assets, tmp_path / "run", resume_from_checkpoint="latest", learning_rate=5e-4, ema_decay=0.5,
+        resume_with_changes="learning_rate,ema_decay",
+    )  # fmt: skip
+    trainer = REPATrainer(args)
+    assert {group["lr"] for group in trainer.optimizer.param_groups} == {5e-4}  # not the checkpoint's 1e-3
+    assert trainer.ema.decay == 0.5
+    trainer.train()
+    state = json.loads((tmp_path / "run" / "checkpoint-2" / "trainer_state.json").read_text())
+    assert state["settings"]["learning_rate"] == 5e-4
+    assert state["setting_changes"] == [
+        {"step": 1, "changes": {"learning_rate": [1e-3, 5e-4], "ema_decay": [0.9, 0.5]}}
+    ]
+
+
+def test_broken_checkpoint_files_are_errors_that_name_the_file(assets, tmp_path):
+    output_dir = tmp_path / "run"
+    trained(assets, output_dir, max_train_steps=1)
+    checkpoint = output_dir / "checkpoint-1"
+
+    def resume():
+        reset_accelerate_state()
+        return REPATrainer(tiny_args(assets, output_dir, resume_from_checkpoint="latest"))
+
+    ema_file = checkpoint / "ema.safetensors"
+    ema_bytes = ema_file.read_bytes()
+    ema_file.write_bytes(ema_bytes[:100])
+    with pytest.raises(ValueError, match=rf"{ema_file} is not a readable safetensors file"):
+        resume()
+    ema_file.write_bytes(ema_bytes)
+
+    rng_file = checkpoint / "random_states_0.pkl"
+    rng_bytes = rng_file.read_bytes()
+    rng_file.write_bytes(b"not a pickle")
+    with pytest.raises(ValueError, match=rf"{rng_file} could not be read"):
+        resume()
+    rng_file.unlink()
+    with pytest.raises(FileNotFoundError, match=rf"{rng_file} is missing"):
+        resume()
+    rng_file.write_bytes(rng_bytes)
+
+    state_file = checkpoint / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    state_file.write_text(json.dumps({**state, "global_step": "1"}))
+    with pytest.raises(ValueError, match=r"'global_step' must be a non-negative integer, got '1'"):
+        resume()
+    state_file.write_text(json.dumps(state))
+    assert resume().global_step == 1
