@@ -1,0 +1,68 @@
+"""scikit-learn's handwritten digits as a small real dataset that needs no download.
+
+``sklearn.datasets.load_digits`` ships 1,797 grey 8×8 images of the digits 0–9 (about 180 per class) inside the
+scikit-learn wheel. Pixels there are ink counts 0..16 (bright ink on a black background); here they are scaled to
+uint8 0..255 as ``round(value * 255 / 16)``. There is one split, ``"train"``, with all 1,797 images: what a model
+trains on and what Fréchet distances compare against. An evaluation classifier that needs held-out data splits
+:func:`load_digits_arrays` itself.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import datasets
+import numpy as np
+import PIL.Image
+
+__all__ = ["DIGITS_CLASS_NAMES", "DIGITS_DATASET", "digits_dataset", "digits_fingerprint", "load_digits_arrays"]
+
+DIGITS_DATASET = "digits"
+"""The name that :func:`~diffusers_repa.data.load_image_source` (and ``--dataset``) resolves to this dataset."""
+
+DIGITS_CLASS_NAMES = [str(digit) for digit in range(10)]
+"""Class ``i`` is the digit ``i``; these names become the pipeline's ``id2label``."""
+
+_SPLITS = ("train",)
+
+
+def load_digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """The raw digits as arrays, in scikit-learn's order.
+
+    Returns:
+        ``(images, labels)``: ``images`` uint8 (1797, 8, 8) in 0..255 (the same pixels as the ``image`` column of
+        :func:`digits_dataset`), ``labels`` int64 (1797,), the digit 0..9 each image shows.
+    """
+    # scikit-learn is imported only here: it is slow to import and only this dataset needs it.
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = np.rint(digits.images * (255 / 16)).astype(np.uint8)
+    return images, digits.target.astype(np.int64)
+
+
+def digits_dataset(split: str = "train") -> datasets.Dataset:
+    """The digits as an image-classification ``datasets.Dataset``.
+
+    Args:
+        split: ``"train"``, the only split (all 1,797 images).
+
+    Returns:
+        ``datasets.Dataset`` with ``image`` (``datasets.Image``; 8×8 RGB, three equal channels, so the RGB crop
+        path treats it like any photo) and ``label`` (``datasets.ClassLabel`` named ``"0"`` … ``"9"``).
+    """
+    if split not in _SPLITS:
+        raise ValueError(f"The digits dataset has one split, 'train' (all 1,797 images); got split '{split}'.")
+    images, labels = load_digits_arrays()
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=DIGITS_CLASS_NAMES)})
+    rows = {"image": [PIL.Image.fromarray(image).convert("RGB") for image in images], "label": labels.tolist()}
+    return datasets.Dataset.from_dict(rows, features=features)
+
+
+def digits_fingerprint() -> str:
+    """Identifies the digits data: the scikit-learn version and a SHA-256 of the uint8 images and labels."""
+    import sklearn
+
+    images, labels = load_digits_arrays()
+    digest = hashlib.sha256(images.tobytes() + labels.tobytes()).hexdigest()
+    return f"sklearn-{sklearn.__version__}-{digest}"
