@@ -1,8 +1,10 @@
-"""ADM preprocessing, image sources, the VAE latent cache (build, resume, multi-process, streaming, push) and loader."""
+"""ADM preprocessing, image sources, the VAE latent cache (build, resume, multi-process, streaming, push, source
+fingerprints, portable metadata, load errors) and loader."""
 
 import dataclasses
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -12,6 +14,7 @@ from types import SimpleNamespace
 import datasets
 import numpy as np
 import PIL.Image
+import pyarrow as pa
 import pytest
 import torch
 from accelerate.data_loader import prepare_data_loader, skip_first_batches
@@ -23,7 +26,10 @@ from safetensors.numpy import load_file
 from diffusers_repa.data import (
     CACHE_INFO_FILE,
     SKIPPED_REPORT_FILE,
+    cache_vae_matches,
     center_crop_imagenet,
+    check_cache_source,
+    describe_source,
     load_image_source,
     load_latent_cache,
     make_train_dataloader,
@@ -125,9 +131,9 @@ def _assert_same_cache(path_a: Path, path_b: Path) -> None:
     assert arrays_a.keys() == arrays_b.keys()
     for name in arrays_a:
         np.testing.assert_array_equal(arrays_a[name], arrays_b[name], err_msg=name)
-    # Everything but the shard file names (a streamed cache names its shards per process).
-    assert dataclasses.replace(read_cache_info(path_a), shards=[]) == dataclasses.replace(
-        read_cache_info(path_b), shards=[]
+    # Everything but the shards' names and sizes (a streamed cache has its own shards per process).
+    assert dataclasses.replace(read_cache_info(path_a), shards=[], shard_num_samples=None) == dataclasses.replace(
+        read_cache_info(path_b), shards=[], shard_num_samples=None
     )
     skipped_a = json.loads((path_a / SKIPPED_REPORT_FILE).read_text())
     skipped_b = json.loads((path_b / SKIPPED_REPORT_FILE).read_text())
@@ -239,18 +245,189 @@ def test_cache_crops_match_fixture_and_latents_match_vae(cache_256, image_folder
 
 def test_cache_info_and_skip_report(cache_256, image_folder, vae_dir):
     info = read_cache_info(cache_256)
-    assert info.vae == str(vae_dir.resolve())
+    assert info.vae == "tiny-vae" and len(info.vae_hash) == 64 and not info.pixel_space
+    assert info.source == describe_source(image_folder)
+    assert info.source["dataset"] == image_folder.name and info.source["kind"] == "local folder"
     assert (info.resolution, info.latent_channels, info.latent_size) == (256, 4, 32)
     assert info.scaling_factor == pytest.approx(0.18215) and info.shift_factor is None
     assert info.num_classes == 2 and info.id2label == {0: "alpha", 1: "beta"}
     assert info.num_samples == len(load_latent_cache(cache_256)) and info.num_skipped == 1
     assert all((cache_256 / shard).is_file() for shard in info.shards) and len(info.shards) == 3
     skipped = json.loads((cache_256 / SKIPPED_REPORT_FILE).read_text())
-    assert len(skipped) == 1 and skipped[0]["path"].endswith("truncated.jpg")
+    rows_per_shard = [4, 4, 2]  # 10 source rows, shard_size 4; the truncated image is missing from its shard
+    rows_per_shard[skipped[0]["index"] // 4] -= 1
+    assert info.shard_num_samples == rows_per_shard
+    assert len(skipped) == 1 and skipped[0]["path"] == "beta/truncated.jpg"  # relative to the source folder
     assert "truncated" in skipped[0]["error"]
-    assert _source_paths(image_folder)[skipped[0]["index"]] == skipped[0]["path"]
+    assert Path(_source_paths(image_folder)[skipped[0]["index"]]) == image_folder / skipped[0]["path"]
     features = load_latent_cache(cache_256).features
     assert features["label"].names == ["alpha", "beta"]
+
+
+def _string_values(value) -> list[str]:
+    if isinstance(value, dict):
+        return [text for item in value.values() for text in _string_values(item)]
+    if isinstance(value, list):
+        return [text for item in value for text in _string_values(item)]
+    return [value] if isinstance(value, str) else []
+
+
+def test_published_files_hold_no_absolute_path(cache_256, tmp_path_factory):
+    machine_root = str(tmp_path_factory.getbasetemp())  # every local path of these tests lies under it
+    for name in (CACHE_INFO_FILE, SKIPPED_REPORT_FILE):
+        text = (cache_256 / name).read_text()
+        assert machine_root not in text, name
+        assert not [value for value in _string_values(json.loads(text)) if os.path.isabs(value)], name
+    card = (cache_256 / "README.md").read_text()
+    assert machine_root not in card and "`tiny-vae`" in card
+
+
+def test_cache_vae_matches_by_content_not_location(cache_256, vae_dir, tmp_path):
+    info = read_cache_info(cache_256)
+    assert cache_vae_matches(info, vae_dir) and cache_vae_matches(info, str(vae_dir))
+    moved = shutil.copytree(vae_dir, tmp_path / "renamed-vae")  # same weights elsewhere, under another name
+    assert cache_vae_matches(info, moved)
+    torch.manual_seed(1)
+    other = tmp_path / "tiny-vae"  # same folder name, other weights
+    AutoencoderKL(**AutoencoderKL.load_config(vae_dir)).save_pretrained(other)
+    assert not cache_vae_matches(info, other)
+    assert not cache_vae_matches(info, "stabilityai/sd-vae-ft-mse")
+    assert not cache_vae_matches(info, None) and not cache_vae_matches(info, "none")
+
+    hub = dataclasses.replace(info, vae="stabilityai/sd-vae-ft-mse", vae_hash=None)
+    assert cache_vae_matches(hub, "stabilityai/sd-vae-ft-mse") and not cache_vae_matches(
+        hub, "stabilityai/sd-vae-ft-ema"
+    )
+    assert not cache_vae_matches(hub, vae_dir)
+    legacy = dataclasses.replace(info, vae=str(vae_dir.resolve()), vae_hash=None)  # format 1: absolute path, no hash
+    assert cache_vae_matches(legacy, vae_dir) and not cache_vae_matches(legacy, moved)
+    pixels = dataclasses.replace(info, vae=None, vae_hash=None)
+    assert pixels.pixel_space and cache_vae_matches(pixels, None) and cache_vae_matches(pixels, "NONE")
+    assert not cache_vae_matches(pixels, vae_dir)
+
+
+def _small_folder(root: Path) -> Path:
+    """Two classes of three images each."""
+    rng = np.random.default_rng(2)
+    for name in ("cats", "dogs"):
+        (root / name).mkdir(parents=True)
+        for index in range(3):
+            PIL.Image.fromarray(_noise_image(rng, 20, 24)).save(root / name / f"{index}.png")
+    return root
+
+
+def _crash_after_first_shard(monkeypatch) -> None:
+    encode_shard = latent_cache_module._ShardEncoder.encode_shard
+    calls = []
+
+    def crash(self, job):
+        calls.append(job.name)
+        if len(calls) == 2:
+            raise RuntimeError("simulated kill")
+        encode_shard(self, job)
+
+    monkeypatch.setattr(latent_cache_module._ShardEncoder, "encode_shard", crash)
+
+
+def test_resume_refuses_an_edited_local_folder(tmp_path, monkeypatch):
+    """One image deleted and another added (same count) between a killed build and its resume: refused."""
+    folder = _small_folder(tmp_path / "pets")
+    output = tmp_path / "cache"
+    _crash_after_first_shard(monkeypatch)
+    with pytest.raises(RuntimeError, match="simulated kill"):
+        build_latent_cache(folder, output, None, 16, **_SMALL_BUILD)
+    monkeypatch.undo()
+    assert len(list((output / "data").glob("*.arrow"))) == 1 and not (output / CACHE_INFO_FILE).exists()
+
+    (folder / "dogs" / "2.png").unlink()
+    shutil.copy(folder / "cats" / "0.png", folder / "dogs" / "new.png")
+    assert len(list(folder.rglob("*.png"))) == 6
+    message = (
+        rf"^{re.escape(str(output))} holds a latent cache started from another source: the local folder source "
+        r"'pets' changed since the cache was started \(files added, removed or modified; fingerprint \w+ -> \w+\)\. "
+        rf"Use a new cache folder \(--output_dir / --cache_dir\), or delete {re.escape(str(output))} to rebuild it\.$"
+    )
+    with pytest.raises(ValueError, match=message):
+        build_latent_cache(folder, output, None, 16, **_SMALL_BUILD)
+
+    # The fix the message names: a new folder builds from the edited source, and a finished cache is checked too.
+    fresh = build_latent_cache(folder, tmp_path / "fresh", None, 16, **_SMALL_BUILD)
+    check_cache_source(fresh, folder)
+    moved = shutil.copytree(folder, tmp_path / "moved")  # copy2 keeps modification times: the same files
+    check_cache_source(fresh, moved)
+    build_latent_cache(moved, fresh, None, 16, **_SMALL_BUILD)  # and a rerun from the moved folder is accepted
+    (moved / "cats" / "0.png").write_bytes((moved / "cats" / "1.png").read_bytes())
+    with pytest.raises(ValueError, match=rf"^The latent cache {re.escape(str(fresh))} was built from another source"):
+        check_cache_source(fresh, moved)
+    with pytest.raises(ValueError, match="split 'train' -> 'validation'"):
+        check_cache_source(fresh, folder, split="validation")
+
+
+def test_resume_refuses_another_in_memory_dataset(tmp_path, monkeypatch):
+    output = tmp_path / "cache"
+    _crash_after_first_shard(monkeypatch)
+    with pytest.raises(RuntimeError, match="simulated kill"):
+        build_latent_cache(synthetic_class_dataset(2, 3, 16, seed=0), output, None, 16, **_SMALL_BUILD)
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match="in-memory source 'in-memory dataset' changed.*other content"):
+        build_latent_cache(synthetic_class_dataset(2, 3, 16, seed=1), output, None, 16, **_SMALL_BUILD)
+    # The same dataset made again (its fingerprint comes from its content) resumes.
+    build_latent_cache(synthetic_class_dataset(2, 3, 16, seed=0), output, None, 16, **_SMALL_BUILD)
+    check_cache_source(output, synthetic_class_dataset(2, 3, 16, seed=0))
+    assert read_cache_info(output).num_samples == 6
+
+
+def _copy_cache(cache: Path, destination: Path, keep_build: bool = True) -> Path:
+    ignore = None if keep_build else shutil.ignore_patterns(".build")
+    return Path(shutil.copytree(cache, destination, ignore=ignore))
+
+
+def test_truncated_shard_error_names_the_file_and_the_fix(tmp_path, cache_32, image_folder, vae_dir):
+    cache = _copy_cache(cache_32, tmp_path / "cache")
+    shard = cache / read_cache_info(cache).shards[1]
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=rf"shard {re.escape(str(shard))} is corrupt or truncated.*delete.*rerun"):
+        load_latent_cache(cache)
+
+    # A stream cut exactly between record batches still parses, with fewer rows: caught by the recorded counts.
+    table = pa.ipc.open_stream(data).read_all()
+    with pa.OSFile(str(shard), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table.slice(0, 1))
+    with pytest.raises(ValueError, match=rf"shard {re.escape(str(shard))} holds 1 rows.*says 2.*truncated"):
+        load_latent_cache(cache)
+
+    shard.unlink()
+    with pytest.raises(FileNotFoundError, match=rf"shard {re.escape(str(shard))}.*is missing"):
+        load_latent_cache(cache)
+    # The fix the messages name: without the shard and cache_info.json the same build re-encodes only that shard.
+    (cache / CACHE_INFO_FILE).unlink()
+    build_latent_cache(image_folder, cache, vae_dir, 32, **_SMALL_BUILD)
+    _assert_same_cache(cache_32, cache)
+
+    downloaded = _copy_cache(cache_32, tmp_path / "downloaded", keep_build=False)  # like a Hub snapshot
+    shard = downloaded / read_cache_info(downloaded).shards[0]
+    shard.write_bytes(shard.read_bytes()[:100])
+    with pytest.raises(ValueError, match=rf"{re.escape(str(shard))}.*damaged.*download or build it again"):
+        load_latent_cache(downloaded)
+
+
+def test_malformed_cache_info_error_names_the_file(tmp_path, cache_32, image_folder, vae_dir):
+    cache = _copy_cache(cache_32, tmp_path / "cache")
+    info_file = cache / CACHE_INFO_FILE
+    text = info_file.read_text()
+    info_file.write_text(text[: len(text) // 2])
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(info_file))} is not a valid latent-cache info file"):
+        read_cache_info(cache)
+    payload = json.loads(text)
+    del payload["resolution"]
+    info_file.write_text(json.dumps(payload))
+    with pytest.raises(ValueError, match=rf"{re.escape(str(info_file))} .*resolution.*rerun the build"):
+        load_latent_cache(cache)
+    settings_file = cache / ".build" / "settings.json"
+    settings_file.write_text("{")
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(settings_file))} is not valid JSON"):
+        build_latent_cache(image_folder, cache, vae_dir, 32, **_SMALL_BUILD)
 
 
 def test_killed_build_resumes_to_the_same_cache(tmp_path, image_folder, vae_dir, cache_32, monkeypatch):
@@ -454,6 +631,16 @@ def test_prepare_dataset_cli(tmp_path, image_folder, vae_dir, monkeypatch, capsy
         cli.parse_args([*argv, "--resolution", "128"])
     with pytest.raises(SystemExit):
         cli.parse_args([*argv, "--push_to_hub"])
+
+
+def test_prepare_dataset_cli_builds_a_pixel_space_digits_cache(tmp_path, capsys):
+    """`--dataset digits --vae none`: the script passes both through and the library needs nothing else."""
+    cli = load_script("training/prepare_dataset.py")
+    argv = ["--dataset", "digits", "--vae", "none", "--output_dir", str(tmp_path / "digits"), "--max_samples", "12"]
+    cli.main([*argv, "--num_workers", "0"])
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["vae"] is None and summary["latent_shape"] == [3, 256, 256] and summary["num_classes"] == 10
+    assert load_latent_cache(tmp_path / "digits").column_names == ["image", "label"]
 
 
 # ---------------------------------------------------------------- loader

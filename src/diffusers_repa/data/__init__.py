@@ -1,27 +1,34 @@
 """ImageNet data for REPA: ADM preprocessing, image sources, the VAE latent cache and the training loader.
 
-Flow: ``load_image_source`` -> ``build_latent_cache`` (ADM crop, VAE posterior mean/std, sharded Arrow files) ->
-``load_latent_cache`` -> ``make_train_dataloader`` (uint8 crop, latent moments, label per sample).
+Flow: ``load_image_source`` -> ``build_latent_cache`` (ADM crop, VAE posterior mean/std or, in pixel space, the
+crop only; sharded Arrow files) -> ``load_latent_cache`` -> ``make_train_dataloader`` (uint8 crop, latent moments,
+label per sample). ``"digits"`` (scikit-learn's 8×8 digits) is a built-in real source for small offline runs.
 """
 
+from .digits import DIGITS_CLASS_NAMES, DIGITS_DATASET, digits_dataset, load_digits_arrays
 from .latent_cache import (
     CACHE_INFO_FILE,
     DEFAULT_VAE,
     SKIPPED_REPORT_FILE,
     LatentCacheInfo,
     build_latent_cache,
+    cache_vae_matches,
+    check_cache_source,
+    is_pixel_space_vae,
     load_latent_cache,
     push_latent_cache_to_hub,
     read_cache_info,
 )
 from .loader import EpochBatchSampler, LatentCacheBatches, SeededEpochSampler, make_train_dataloader
 from .preprocessing import center_crop_imagenet, decode_image, to_rgb
-from .sources import IMAGENET_1K_REPO_ID, load_image_source
+from .sources import IMAGENET_1K_REPO_ID, describe_source, load_image_source
 from .synthetic import synthetic_class_dataset
 
 __all__ = [
     "CACHE_INFO_FILE",
     "DEFAULT_VAE",
+    "DIGITS_CLASS_NAMES",
+    "DIGITS_DATASET",
     "IMAGENET_1K_REPO_ID",
     "SKIPPED_REPORT_FILE",
     "EpochBatchSampler",
@@ -29,8 +36,14 @@ __all__ = [
     "LatentCacheInfo",
     "SeededEpochSampler",
     "build_latent_cache",
+    "cache_vae_matches",
     "center_crop_imagenet",
+    "check_cache_source",
     "decode_image",
+    "describe_source",
+    "digits_dataset",
+    "is_pixel_space_vae",
+    "load_digits_arrays",
     "load_image_source",
     "load_latent_cache",
     "make_train_dataloader",

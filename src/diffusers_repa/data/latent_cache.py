@@ -2,12 +2,22 @@
 
 Layout of a cache directory::
 
-    cache_info.json          LatentCacheInfo (VAE id, resolution, scaling factor, classes, shard list, ...)
+    cache_info.json          LatentCacheInfo (VAE, resolution, scaling factor, classes, source, shard list, ...)
     skipped_images.json      unreadable / truncated source images: [{"shard", "index", "path", "error"}, ...];
-                             index is the source row (when streaming: the row within the process's stream)
+                             index is the source row (when streaming: the row within the process's stream), path
+                             relative to a local source folder (only the file name for other local files)
     README.md                dataset card, so the folder can be pushed to the Hub as a dataset
     data/<split>-*.arrow     shards; columns image uint8 (3,R,R), latent_mean / latent_std float32 (C,h,w), label
     .build/                  resume bookkeeping (build settings, one record per finished shard); not published
+
+A pixel-space cache (``vae=None`` or ``"none"``) stores only ``image`` and ``label``: no VAE is loaded and the
+model trains on the pixels themselves (see :attr:`LatentCacheInfo.pixel_space`). Nothing that is published
+(``cache_info.json``, the card, the skip report) holds an absolute path of the machine: a local VAE or source
+folder is recorded by its folder name, plus a content hash (VAE) or fingerprint (source).
+
+A cache never mixes sources: the build settings record a fingerprint of the source (see
+:func:`~diffusers_repa.data.describe_source`) and resuming against a changed source is refused;
+:func:`check_cache_source` does the same check cheaply for a finished cache that is about to be reused.
 
 Each shard covers a fixed range of source rows, so a killed job resumes by skipping the shards whose ``.arrow``
 file exists (written to a temporary file, then renamed). With ``accelerate launch`` every process encodes its
@@ -18,6 +28,7 @@ own shards, so a streamed job resumes with the same number of processes.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -41,7 +52,7 @@ from huggingface_hub import DatasetCard, DatasetCardData, create_repo, snapshot_
 from tqdm.auto import tqdm
 
 from .preprocessing import center_crop_imagenet, decode_image
-from .sources import load_image_source
+from .sources import describe_source, load_image_source
 
 __all__ = [
     "CACHE_INFO_FILE",
@@ -49,6 +60,9 @@ __all__ = [
     "SKIPPED_REPORT_FILE",
     "LatentCacheInfo",
     "build_latent_cache",
+    "cache_vae_matches",
+    "check_cache_source",
+    "is_pixel_space_vae",
     "load_latent_cache",
     "push_latent_cache_to_hub",
     "read_cache_info",
@@ -62,7 +76,9 @@ SKIPPED_REPORT_FILE = "skipped_images.json"
 DATA_DIR = "data"
 _BUILD_DIR = ".build"
 _SETTINGS_FILE = "settings.json"
-_FORMAT_VERSION = 1
+# 2: portable VAE / source names with a VAE hash and a source fingerprint, per-shard row counts, pixel space.
+_FORMAT_VERSION = 2
+_NO_VAE = "none"
 _AUTOCAST_DTYPES = {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -71,7 +87,14 @@ class LatentCacheInfo:
     """Metadata of a latent cache (``cache_info.json``).
 
     Training latents are ``z = (latent_mean + latent_std * eps) * scaling_factor`` (minus ``shift_factor`` first
-    when the VAE has one), re-sampled every step.
+    when the VAE has one), re-sampled every step. A pixel-space cache (:attr:`pixel_space`) has ``vae=None``,
+    ``latent_channels=3``, ``latent_size=resolution``, ``scaling_factor=1.0`` and no shift: its "latents" are the
+    crops themselves, ``x = image / 127.5 - 1``.
+
+    ``vae`` is a Hub id as given, or a local VAE folder's name (never its absolute path) with ``vae_hash``, a
+    SHA-256 of its ``config.json`` and weight files, so :func:`cache_vae_matches` recognises the same weights in
+    another place. ``source`` is :func:`~diffusers_repa.data.describe_source`'s record. ``shard_num_samples``
+    holds the rows of each shard (in the order of ``shards``), to detect truncated files.
     """
 
     vae: str | None
@@ -86,9 +109,16 @@ class LatentCacheInfo:
     num_skipped: int = 0
     latents_mean: list[float] | None = None
     latents_std: list[float] | None = None
+    vae_hash: str | None = None
     source: dict[str, Any] = field(default_factory=dict)
     shards: list[str] = field(default_factory=list)
+    shard_num_samples: list[int] | None = None
     format_version: int = _FORMAT_VERSION
+
+    @property
+    def pixel_space(self) -> bool:
+        """Whether the cache holds pixels only (no VAE moments): the model trains on ``image / 127.5 - 1``."""
+        return self.vae is None
 
     def to_json(self) -> str:
         payload = asdict(self)
@@ -120,8 +150,30 @@ def _resolve_cache_dir(path: str | os.PathLike, allow_patterns: list[str] | None
     return Path(snapshot_download(str(path), repo_type="dataset", allow_patterns=allow_patterns, **hub_kwargs))
 
 
+def _repair_hint(cache_dir: Path, *broken: Path) -> str:
+    """How to repair a cache whose ``broken`` files cannot be read."""
+    if (cache_dir / _BUILD_DIR / _SETTINGS_FILE).is_file():
+        # A locally built cache: the build resumes, re-encoding only shards whose .arrow file is missing, and the
+        # trainer rebuilds only when cache_info.json is absent.
+        to_delete = dict.fromkeys([*broken, cache_dir / CACHE_INFO_FILE])
+        return (
+            f"delete {' and '.join(map(str, to_delete))}, then rerun the build that made the cache "
+            "(training/prepare_dataset.py or the training run, same settings): finished shards are kept, only what "
+            f"is missing is redone; or delete {cache_dir} to rebuild it from scratch"
+        )
+    return (
+        f"the copy in {cache_dir} is damaged: delete {cache_dir} and download or build it again "
+        "(a Hub dataset: pass force_download=True)"
+    )
+
+
 def read_cache_info(path: str | os.PathLike, **hub_kwargs) -> LatentCacheInfo:
-    """Reads ``cache_info.json`` of a finished cache (a local directory or a Hub dataset id)."""
+    """Reads ``cache_info.json`` of a finished cache (a local directory or a Hub dataset id).
+
+    Raises:
+        FileNotFoundError: the cache is not finished (no ``cache_info.json``).
+        ValueError: ``cache_info.json`` is malformed; the message names it and says how to repair the cache.
+    """
     cache_dir = _resolve_cache_dir(path, allow_patterns=[CACHE_INFO_FILE], **hub_kwargs)
     info_file = cache_dir / CACHE_INFO_FILE
     if not info_file.is_file():
@@ -129,21 +181,59 @@ def read_cache_info(path: str | os.PathLike, **hub_kwargs) -> LatentCacheInfo:
             f"{info_file} is missing: {cache_dir} is not a finished latent cache. Run (or resume) "
             "`training/prepare_dataset.py --output_dir` on it until it completes."
         )
-    return LatentCacheInfo.from_json(info_file.read_text())
+    try:
+        return LatentCacheInfo.from_json(info_file.read_text())
+    # Bad JSON (ValueError), missing or unknown fields (TypeError), a non-object payload (AttributeError), ...
+    except (ValueError, TypeError, AttributeError) as error:
+        raise ValueError(
+            f"{info_file} is not a valid latent-cache info file ({type(error).__name__}: {error}); to repair it, "
+            f"{_repair_hint(cache_dir, info_file)}."
+        ) from error
+
+
+def _read_shard(cache_dir: Path, shard: str, expected_rows: int | None) -> datasets.Dataset:
+    """One memory-mapped shard; an unreadable or truncated file is an error that names it."""
+    shard_file = cache_dir / shard
+    if not shard_file.is_file():
+        raise FileNotFoundError(
+            f"Latent-cache shard {shard_file}, listed in {cache_dir / CACHE_INFO_FILE}, is missing; to repair the "
+            f"cache, {_repair_hint(cache_dir, cache_dir / CACHE_INFO_FILE)}."
+        )
+    try:
+        dataset = datasets.Dataset.from_file(str(shard_file))
+    # pyarrow raises ArrowInvalid (a ValueError) or OSError on truncated or foreign data.
+    except (OSError, ValueError) as error:
+        raise ValueError(
+            f"Latent-cache shard {shard_file} is corrupt or truncated ({type(error).__name__}: {error}); to repair "
+            f"it, {_repair_hint(cache_dir, shard_file)}."
+        ) from error
+    # An Arrow stream cut exactly between two record batches still reads, with fewer rows.
+    if expected_rows is not None and len(dataset) != expected_rows:
+        raise ValueError(
+            f"Latent-cache shard {shard_file} holds {len(dataset)} rows, {cache_dir / CACHE_INFO_FILE} says "
+            f"{expected_rows}: the file is truncated; to repair it, {_repair_hint(cache_dir, shard_file)}."
+        )
+    return dataset
 
 
 def load_latent_cache(path: str | os.PathLike, **hub_kwargs) -> datasets.Dataset:
     """Opens a finished cache (local directory or Hub dataset id) as one memory-mapped ``datasets.Dataset``.
 
-    Columns: ``image`` (3, R, R), ``latent_mean`` and ``latent_std`` (C, h, w) float32, ``label`` int64. The
-    dataset is in torch format; note that ``datasets`` widens integer arrays to int64 there, while
-    :func:`~diffusers_repa.data.make_train_dataloader` reads the Arrow buffers directly and keeps images uint8.
+    Columns: ``image`` (3, R, R), ``latent_mean`` and ``latent_std`` (C, h, w) float32 (absent in a pixel-space
+    cache), ``label`` int64. The dataset is in torch format; note that ``datasets`` widens integer arrays to int64
+    there, while :func:`~diffusers_repa.data.make_train_dataloader` reads the Arrow buffers directly and keeps
+    images uint8.
+
+    Raises:
+        FileNotFoundError, ValueError: the cache is unfinished, or a file of it is missing, malformed or
+            truncated; the message names the file and says how to repair the cache.
     """
     cache_dir = _resolve_cache_dir(path, **hub_kwargs)
     info = read_cache_info(cache_dir)
-    shards = [datasets.Dataset.from_file(str(cache_dir / shard)) for shard in info.shards]
-    if not shards:
+    if not info.shards:
         raise ValueError(f"The latent cache at {cache_dir} lists no shards in {CACHE_INFO_FILE}.")
+    expected_rows = info.shard_num_samples or [None] * len(info.shards)
+    shards = [_read_shard(cache_dir, shard, rows) for shard, rows in zip(info.shards, expected_rows)]
     dataset = datasets.concatenate_datasets(shards) if len(shards) > 1 else shards[0]
     return dataset.with_format("torch")
 
@@ -171,31 +261,89 @@ def push_latent_cache_to_hub(
     return str(repo_url)
 
 
-def _load_vae(vae: AutoencoderKL | str | os.PathLike) -> tuple[AutoencoderKL, str | None]:
-    if isinstance(vae, AutoencoderKL):
-        return vae, vae.config.get("_name_or_path")
-    return AutoencoderKL.from_pretrained(str(vae)), _describe_location(vae)
+def is_pixel_space_vae(vae: AutoencoderKL | str | os.PathLike | None) -> bool:
+    """Whether a ``vae`` argument (``--vae``) asks for a pixel-space cache: ``None`` or the string ``"none"``.
+
+    ``"none"`` is matched case-insensitively and always means no VAE; a local VAE folder named ``none`` is passed
+    as ``./none``.
+    """
+    return vae is None or (isinstance(vae, str) and vae.strip().lower() == _NO_VAE)
 
 
-def _describe_location(name_or_path: str | os.PathLike) -> str:
-    """Hub ids as given, local directories as absolute paths (what cache_info.json records)."""
+def _vae_folder_hash(folder: Path) -> str:
+    """SHA-256 over the names and bytes of a VAE folder's ``config.json`` and weight files (``*.safetensors``,
+    ``*.bin``), so the same weights are recognised wherever the folder lives."""
+    files = sorted(
+        path for path in folder.iterdir() if path.name == "config.json" or path.suffix in (".safetensors", ".bin")
+    )
+    hasher = hashlib.sha256()
+    for path in files:
+        hasher.update(path.name.encode() + b"\0")
+        with path.open("rb") as file:
+            for block in iter(lambda: file.read(1 << 20), b""):
+                hasher.update(block)
+    return hasher.hexdigest()
+
+
+def _vae_record(name_or_path: str | os.PathLike | None) -> tuple[str, str | None]:
+    """What cache_info.json records of a VAE: a Hub id as given (no hash), a local folder as (folder name, hash)."""
+    if name_or_path is None:
+        return "in-memory AutoencoderKL", None
     path = Path(name_or_path).expanduser()
-    return str(path.resolve()) if path.is_dir() else str(name_or_path)
+    if path.is_dir():
+        return path.resolve().name, _vae_folder_hash(path)
+    return str(name_or_path), None
+
+
+def _load_vae(vae: AutoencoderKL | str | os.PathLike) -> tuple[AutoencoderKL, str, str | None]:
+    """The VAE model, its recorded name and content hash (see :func:`_vae_record`)."""
+    if isinstance(vae, AutoencoderKL):
+        return vae, *_vae_record(vae.config.get("_name_or_path"))
+    return AutoencoderKL.from_pretrained(str(vae)), *_vae_record(vae)
+
+
+def cache_vae_matches(info: LatentCacheInfo, vae_name_or_path: str | os.PathLike | None) -> bool:
+    """Whether ``vae_name_or_path`` (e.g. ``--vae`` of a training run) is the VAE the cache was encoded with.
+
+    A pixel-space cache matches only ``None`` / ``"none"`` and vice versa. A local folder matches by the content
+    hash of its config and weights (moved or renamed copies match, retrained weights do not); caches written before
+    the hash was recorded compare the folder's resolved path with the recorded one. A Hub id matches the same id
+    (no revision is compared, and a local snapshot of a Hub VAE does not match its id).
+    """
+    if info.pixel_space or is_pixel_space_vae(vae_name_or_path):
+        return info.pixel_space and is_pixel_space_vae(vae_name_or_path)
+    path = Path(vae_name_or_path).expanduser()
+    if path.is_dir():
+        if info.vae_hash is not None:
+            return _vae_folder_hash(path) == info.vae_hash
+        return Path(info.vae).expanduser().resolve() == path.resolve()
+    return info.vae_hash is None and info.vae == str(vae_name_or_path)
+
+
+def _vae_normalisation(vae: AutoencoderKL | None) -> dict[str, Any]:
+    """The LatentCacheInfo fields that normalise latents: the VAE config's, or the identity in pixel space."""
+    if vae is None:
+        return {"scaling_factor": 1.0, "shift_factor": None, "latents_mean": None, "latents_std": None}
+    config = vae.config
+    return {
+        "scaling_factor": float(config.scaling_factor),
+        "shift_factor": None if config.get("shift_factor") is None else float(config.shift_factor),
+        "latents_mean": None if config.get("latents_mean") is None else [float(v) for v in config.latents_mean],
+        "latents_std": None if config.get("latents_std") is None else [float(v) for v in config.latents_std],
+    }
 
 
 def _cache_features(
-    resolution: int, latent_channels: int, latent_size: int, label_feature: Any | None
+    resolution: int, latent_channels: int | None, latent_size: int, label_feature: Any | None
 ) -> datasets.Features:
-    latent_shape = (latent_channels, latent_size, latent_size)
+    """Columns of a shard; without ``latent_channels`` (pixel space) only ``image`` and ``label``."""
     label = label_feature if isinstance(label_feature, datasets.ClassLabel) else datasets.Value("int64")
-    return datasets.Features(
-        {
-            "image": datasets.Array3D((3, resolution, resolution), "uint8"),
-            "latent_mean": datasets.Array3D(latent_shape, "float32"),
-            "latent_std": datasets.Array3D(latent_shape, "float32"),
-            "label": label,
-        }
-    )
+    features = {"image": datasets.Array3D((3, resolution, resolution), "uint8")}
+    if latent_channels is not None:
+        latent_shape = (latent_channels, latent_size, latent_size)
+        features["latent_mean"] = datasets.Array3D(latent_shape, "float32")
+        features["latent_std"] = datasets.Array3D(latent_shape, "float32")
+    return datasets.Features({**features, "label": label})
 
 
 def _crop_or_error(value: Any, resolution: int) -> tuple[np.ndarray | None, str | None]:
@@ -214,6 +362,17 @@ def _image_path(value: Any) -> str | None:
     return str(value) if isinstance(value, (str, os.PathLike)) else None
 
 
+def _portable_path(path: str | None, source_root: Path | None) -> str | None:
+    """An image path as the (published) skip report records it: relative to ``source_root`` (a local source
+    folder) when inside it, only the file name for another absolute local path, URLs and names as they are."""
+    if path is None or not os.path.isabs(path):
+        return path
+    resolved = Path(path).resolve()
+    if source_root is not None and resolved.is_relative_to(source_root):
+        return resolved.relative_to(source_root).as_posix()
+    return resolved.name
+
+
 @dataclass
 class _ShardJob:
     """One output shard: ``rows`` of the source (dict of columns, raw image values) starting at ``first_index``."""
@@ -224,11 +383,12 @@ class _ShardJob:
 
 
 class _ShardEncoder:
-    """Decodes, crops and VAE-encodes one shard at a time, writing it atomically."""
+    """Decodes, crops and VAE-encodes (unless ``vae`` is None: pixel space) one shard at a time, writing it
+    atomically."""
 
     def __init__(
         self,
-        vae: AutoencoderKL,
+        vae: AutoencoderKL | None,
         features: datasets.Features,
         output_dir: Path,
         resolution: int,
@@ -237,6 +397,7 @@ class _ShardEncoder:
         autocast_dtype: torch.dtype | None,
         executor: Executor | None,
         progress: tqdm,
+        source_root: Path | None,
     ):
         self.vae = vae
         self.features = features
@@ -247,6 +408,7 @@ class _ShardEncoder:
         self.autocast_dtype = autocast_dtype
         self.executor = executor
         self.progress = progress
+        self.source_root = source_root
 
     def _crops(self, images: list) -> Iterator[list[tuple[np.ndarray | None, str | None]]]:
         """Crops per batch; with threads the next batch is decoded while the current one is encoded."""
@@ -286,6 +448,7 @@ class _ShardEncoder:
                     if crop is None:
                         path = _image_path(images[position])
                         logger.warning("Skipping unreadable image %d (%s): %s", index, path, error)
+                        path = _portable_path(path, self.source_root)
                         skipped.append({"shard": job.name, "index": index, "path": path, "error": error})
                     else:
                         label = labels[position]
@@ -300,8 +463,10 @@ class _ShardEncoder:
                     self.progress.update(1)
                 if kept_crops:
                     crops = np.stack(kept_crops)
-                    mean, std = self._encode(crops)
-                    writer.write_batch({"image": crops, "latent_mean": mean, "latent_std": std, "label": kept_labels})
+                    batch = {"image": crops, "label": kept_labels}
+                    if self.vae is not None:
+                        batch["latent_mean"], batch["latent_std"] = self._encode(crops)
+                    writer.write_batch(batch)
                     num_samples += len(kept_crops)
                     max_label = max(max_label, *kept_labels)
             writer.finalize()
@@ -391,25 +556,105 @@ def _finished_stream_shard_names(output_dir: Path, split: str, num_processes: in
     return sorted(path.stem for prefix in prefixes for path in (output_dir / DATA_DIR).glob(f"{prefix}-*.arrow"))
 
 
+def _read_json(path: Path, fix: str) -> Any:
+    """A JSON file of the cache; a malformed one is an error that names it and says how to fix it."""
+    try:
+        return json.loads(path.read_text())
+    except ValueError as error:
+        raise ValueError(f"{path} is not valid JSON ({error}); {fix}.") from error
+
+
+def _source_changes(recorded: dict[str, Any], current: dict[str, Any]) -> str | None:
+    """How ``current`` (a :func:`describe_source` record) differs from ``recorded``, in words; None if it does not.
+
+    A local folder's name is not compared (a moved folder with the same files is the same source), and neither is
+    a fingerprint the current description lacks (a Hub dataset not loaded, or streamed).
+    """
+    ignored = {"dataset"} if current.get("kind") == "local folder" == recorded.get("kind") else set()
+    if current.get("fingerprint") is None:
+        ignored.add("fingerprint")
+    changed = sorted(
+        key for key in recorded.keys() | current.keys() if key not in ignored and recorded.get(key) != current.get(key)
+    )
+    if not changed:
+        return None
+    if changed == ["fingerprint"]:
+        how = "files added, removed or modified" if current["kind"] == "local folder" else "other content"
+        old, new = str(recorded["fingerprint"])[:16], str(current["fingerprint"])[:16]
+        return (
+            f"the {current['kind']} source '{current['dataset']}' changed since the cache was started "
+            f"({how}; fingerprint {old} -> {new})"
+        )
+    return "the source differs: " + ", ".join(
+        f"{key} {recorded.get(key)!r} -> {current.get(key)!r}" for key in changed
+    )
+
+
 def _check_build_settings(output_dir: Path, settings: dict[str, Any], state: PartialState) -> None:
-    """Records the settings on the first run; a resumed run must use the same ones."""
+    """Records the settings on the first run; a resumed run must use the same ones and the same source."""
     settings_file = output_dir / _BUILD_DIR / _SETTINGS_FILE
+    resuming = settings_file.exists()
     if state.is_main_process:
         (output_dir / DATA_DIR).mkdir(parents=True, exist_ok=True)
         (output_dir / _BUILD_DIR).mkdir(exist_ok=True)
-        if not settings_file.exists():
+        if not resuming:
             _atomic_write_text(settings_file, json.dumps(settings, indent=2) + "\n")
         # Leftovers of killed writers; nobody is writing yet.
         for stale in [*(output_dir / DATA_DIR).glob(".*.tmp"), *(output_dir / _BUILD_DIR).glob(".*.tmp")]:
             stale.unlink()
     state.wait_for_everyone()
-    recorded = json.loads(settings_file.read_text())
+    recorded = _read_json(settings_file, f"delete {output_dir} and rebuild the cache")
+    fix = f"Use a new cache folder (--output_dir / --cache_dir), or delete {output_dir} to rebuild it."
+    if recorded.get("format_version") == settings["format_version"]:
+        source_change = _source_changes(recorded["source"], settings["source"])
+        if source_change is not None:
+            raise ValueError(f"{output_dir} holds a latent cache started from another source: {source_change}. {fix}")
+        # Checked just now (a moved local folder with the same files is the same source).
+        recorded["source"] = settings["source"]
     if recorded != settings:
         changed = {key: (recorded.get(key), settings.get(key)) for key in settings.keys() | recorded.keys()}
         changed = {key: values for key, values in changed.items() if values[0] != values[1]}
         raise ValueError(
             f"{output_dir} holds a latent cache built with other settings (recorded -> requested: {changed}). "
-            "Resume with the same settings, or choose a new --output_dir."
+            f"Resume with the same settings. {fix}"
+        )
+    if resuming and state.is_main_process and settings["source"]["fingerprint"] is None:
+        logger.warning(
+            "Resuming the latent cache in %s: nothing identifies the content of this source (a stream or an "
+            "IterableDataset), so make sure it is the one the cache was started from.",
+            output_dir,
+        )
+
+
+def check_cache_source(
+    cache_dir: str | os.PathLike,
+    source: str | os.PathLike | datasets.Dataset | datasets.IterableDataset | datasets.DatasetDict,
+    split: str = "train",
+    image_column: str = "image",
+    label_column: str = "label",
+    max_samples: int | None = None,
+) -> None:
+    """Checks that a finished cache was built from ``source`` before it is reused; cheap, nothing is loaded.
+
+    A local folder is compared by its fingerprint (file names, sizes, modification times: a scan of the folder),
+    ``"digits"`` and in-memory datasets by theirs, a Hub dataset by its repository id only (checking its revision
+    would mean loading it); split, columns and ``max_samples`` always. Caches written before sources were
+    fingerprinted (``format_version`` 1) are not checked (a warning says so).
+
+    Raises:
+        ValueError: the cache was built from another source; one line naming the folder, what changed and the fix.
+    """
+    cache_dir = Path(cache_dir)
+    info = read_cache_info(cache_dir)
+    if info.format_version < 2:
+        logger.warning("The latent cache %s predates source fingerprints; its source cannot be checked.", cache_dir)
+        return
+    current = describe_source(source, split, image_column, label_column, max_samples)
+    change = _source_changes(info.source, current)
+    if change is not None:
+        raise ValueError(
+            f"The latent cache {cache_dir} was built from another source: {change}. Use a new cache folder "
+            f"(--cache_dir), or delete {cache_dir} to rebuild it from this source."
         )
 
 
@@ -418,12 +663,19 @@ def _write_dataset_card(output_dir: Path, info: LatentCacheInfo) -> None:
         configs=[{"config_name": "default", "data_files": [{"split": "train", "path": f"{DATA_DIR}/*.arrow"}]}],
         tags=["repa", "latent-cache", "diffusers"],
     )
+    if info.pixel_space:
+        encoding = (
+            "stored in pixel space (no VAE). Each row holds the uint8 crop `image` (3, R, R) and the class `label`"
+        )
+    else:
+        encoding = (
+            f"encoded with the VAE `{info.vae}` (scaling factor {info.scaling_factor}). Each row holds the uint8 "
+            "crop `image` (3, R, R), the VAE posterior `latent_mean` and `latent_std` (C, h, w) and the class `label`"
+        )
     content = (
         f"---\n{card_data.to_yaml()}\n---\n\n# Latent cache for REPA / SiT training\n\n"
         f"{info.num_samples} images from `{info.source.get('dataset')}` (split `{info.source.get('split')}`), "
-        f"ADM center crop at {info.resolution}x{info.resolution}, encoded with the VAE `{info.vae}` "
-        f"(scaling factor {info.scaling_factor}). Each row holds the uint8 crop `image` (3, R, R), the VAE "
-        "posterior `latent_mean` and `latent_std` (C, h, w) and the class `label`; "
+        f"ADM center crop at {info.resolution}x{info.resolution}, {encoding}; "
         f"{info.num_skipped} unreadable source images are listed in `{SKIPPED_REPORT_FILE}`. "
         "Read it with `diffusers_repa.data.load_latent_cache`.\n"
     )
@@ -431,17 +683,16 @@ def _write_dataset_card(output_dir: Path, info: LatentCacheInfo) -> None:
 
 
 def _finalize(
-    output_dir: Path,
-    shard_names: list[str],
-    vae_model: AutoencoderKL,
-    base_info: dict[str, Any],
-    class_names: list[str] | None,
+    output_dir: Path, shard_names: list[str], base_info: dict[str, Any], class_names: list[str] | None
 ) -> LatentCacheInfo:
     """Gathers the shard records into ``cache_info.json`` and the skip report (main process, all shards done)."""
     missing = [name for name in shard_names if not _shard_done(output_dir, name)]
     if missing:
         raise RuntimeError(f"{len(missing)} shards are not finished (first: {missing[0]}); rerun to resume the job.")
-    records = [json.loads((output_dir / _BUILD_DIR / f"{name}.json").read_text()) for name in shard_names]
+    records = []
+    for name in shard_names:
+        fix = f"delete it and {output_dir / DATA_DIR / name}.arrow, then rerun the build to re-encode that shard"
+        records.append(_read_json(output_dir / _BUILD_DIR / f"{name}.json", fix))
     skipped = [entry for record in records for entry in record["skipped"]]
     num_samples = sum(record["num_samples"] for record in records)
     if num_samples == 0:
@@ -450,18 +701,14 @@ def _finalize(
         num_classes, id2label = len(class_names), dict(enumerate(class_names))
     else:
         num_classes, id2label = max(record["max_label"] for record in records) + 1, None
-    config = vae_model.config
     info = LatentCacheInfo(
         **base_info,
-        scaling_factor=float(config.scaling_factor),
-        shift_factor=None if config.get("shift_factor") is None else float(config.shift_factor),
-        latents_mean=None if config.get("latents_mean") is None else [float(v) for v in config.latents_mean],
-        latents_std=None if config.get("latents_std") is None else [float(v) for v in config.latents_std],
         num_classes=num_classes,
         id2label=id2label,
         num_samples=num_samples,
         num_skipped=len(skipped),
         shards=[record["file"] for record in records],
+        shard_num_samples=[record["num_samples"] for record in records],
     )
     _atomic_write_text(output_dir / SKIPPED_REPORT_FILE, json.dumps(skipped, indent=2) + "\n")
     _write_dataset_card(output_dir, info)
@@ -472,7 +719,7 @@ def _finalize(
 def build_latent_cache(
     source: datasets.Dataset | datasets.IterableDataset | str | os.PathLike,
     output_dir: str | os.PathLike,
-    vae: AutoencoderKL | str | os.PathLike,
+    vae: AutoencoderKL | str | os.PathLike | None,
     resolution: int,
     *,
     batch_size: int = 64,
@@ -489,18 +736,21 @@ def build_latent_cache(
 ) -> Path:
     """Center-crops every source image (ADM), encodes it once with the VAE and writes a sharded latent cache.
 
-    Works the same in one process or under ``accelerate launch`` (each process encodes the shards
+    With ``vae=None`` (or ``"none"``) the cache is in pixel space: it stores only the crops and labels, and no VAE
+    is loaded. Works the same in one process or under ``accelerate launch`` (each process encodes the shards
     ``g % num_processes == process_index`` on its own device). Resumable: finished shards are kept and skipped,
     so rerunning the same command after a crash continues the job. Unreadable or truncated images are skipped,
     logged and listed in ``skipped_images.json``. See the module docstring for the layout.
 
     Args:
         source: a dataset object or a name for :func:`~diffusers_repa.data.load_image_source`
-            (``"imagenet-1k"``, a Hub id, a local image folder).
+            (``"imagenet-1k"``, a Hub id, a local image folder, ``"digits"``). Its fingerprint is recorded; resuming
+            (or rerunning) against a changed source is refused.
         output_dir: cache directory (created; reused to resume).
         vae: an ``AutoencoderKL`` or its Hub id / local path (e.g. ``stabilityai/sd-vae-ft-mse``, the default of
-            the CLI and of the original). Moved to the process's device.
-        resolution: crop side in pixels; a multiple of the VAE's downsampling factor (the CLI allows 256 and 512).
+            the CLI and of the original), moved to the process's device; or ``None`` / ``"none"`` for pixel space.
+        resolution: crop side in pixels; a multiple of the VAE's downsampling factor (any positive size in pixel
+            space).
         batch_size: images per VAE forward pass.
         shard_size / num_shards: rows of the source per shard (default 1024), or the number of shards instead
             (map-style sources only). At most one of them.
@@ -522,8 +772,10 @@ def build_latent_cache(
         raise ValueError("Pass either shard_size or num_shards, not both.")
     # Like Accelerator: `accelerate launch --cpu` (ACCELERATE_USE_CPU) makes several CPU processes one gloo group.
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
-    source_name = _describe_location(source) if isinstance(source, (str, os.PathLike)) else None
     dataset = load_image_source(source, split, image_column, label_column, streaming, max_samples=max_samples)
+    source_info = describe_source(source, split, image_column, label_column, max_samples, loaded=dataset)
+    # Skipped images of a local folder are reported relative to it.
+    source_root = Path(source).expanduser().resolve() if source_info["kind"] == "local folder" else None
     is_map_style = isinstance(dataset, datasets.Dataset)
     if num_shards is not None:
         if not is_map_style or num_shards <= 0:
@@ -533,30 +785,34 @@ def build_latent_cache(
     if shard_size <= 0:
         raise ValueError(f"shard_size must be positive, got {shard_size}.")
 
-    vae_model, vae_id = _load_vae(vae)
-    downsample = 2 ** (len(vae_model.config.block_out_channels) - 1)
+    if is_pixel_space_vae(vae):
+        vae_model, vae_id, vae_hash, downsample, latent_channels = None, None, None, 1, None
+    else:
+        vae_model, vae_id, vae_hash = _load_vae(vae)
+        downsample = 2 ** (len(vae_model.config.block_out_channels) - 1)
+        latent_channels = int(vae_model.config.latent_channels)
     if not isinstance(resolution, int) or resolution <= 0 or resolution % downsample:
-        raise ValueError(
-            f"resolution must be a positive multiple of the VAE's downsampling factor {downsample}, got {resolution}."
-        )
-    vae_model = vae_model.to(state.device).eval().requires_grad_(False)
+        what = "integer" if vae_model is None else f"multiple of the VAE's downsampling factor {downsample}"
+        raise ValueError(f"resolution must be a positive {what}, got {resolution}.")
+    if vae_model is not None:
+        vae_model = vae_model.to(state.device).eval().requires_grad_(False)
     features = dataset.features
     label_feature = features.get("label") if features is not None else None
     class_names = label_feature.names if isinstance(label_feature, datasets.ClassLabel) else None
     latent_size = resolution // downsample
-    cache_features = _cache_features(resolution, vae_model.config.latent_channels, latent_size, label_feature)
+    cache_features = _cache_features(resolution, latent_channels, latent_size, label_feature)
     if features is not None and isinstance(features.get("image"), datasets.Image):
         # Decode ourselves: a corrupt file must be skipped, not raise inside datasets' iterator.
         dataset = dataset.cast_column("image", datasets.Image(decode=False))
 
     output_dir = Path(output_dir)
-    source_info = {"dataset": source_name or "in-memory dataset", "split": split}
     settings = {
         "format_version": _FORMAT_VERSION,
         "source": source_info,
         "num_rows": len(dataset) if is_map_style else None,
         "streaming_processes": None if is_map_style else state.num_processes,
         "vae": vae_id,
+        "vae_hash": vae_hash,
         "resolution": resolution,
         "shard_size": shard_size,
         "mixed_precision": mixed_precision,
@@ -585,6 +841,7 @@ def build_latent_cache(
             _AUTOCAST_DTYPES[mixed_precision],
             executor,
             progress,
+            source_root,
         )
         for job in jobs:
             encoder.encode_shard(job)
@@ -601,11 +858,14 @@ def build_latent_cache(
             shard_names = _finished_stream_shard_names(output_dir, split, state.num_processes)
         base_info = {
             "vae": vae_id,
+            "vae_hash": vae_hash,
             "resolution": resolution,
-            "latent_channels": int(vae_model.config.latent_channels),
+            # In pixel space the "latents" are the RGB crops themselves.
+            "latent_channels": 3 if latent_channels is None else latent_channels,
             "latent_size": latent_size,
-            "source": {**source_info, "image_column": image_column, "label_column": label_column},
+            "source": source_info,
+            **_vae_normalisation(vae_model),
         }
-        _finalize(output_dir, shard_names, vae_model, base_info, class_names)
+        _finalize(output_dir, shard_names, base_info, class_names)
     state.wait_for_everyone()
     return output_dir

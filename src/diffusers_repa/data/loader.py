@@ -10,7 +10,7 @@ from torch.utils.data import BatchSampler, DataLoader, Sampler
 
 __all__ = ["EpochBatchSampler", "LatentCacheBatches", "SeededEpochSampler", "make_train_dataloader"]
 
-_ARRAY_COLUMNS = ("image", "latent_mean", "latent_std")
+_LATENT_COLUMNS = ("latent_mean", "latent_std")
 
 
 class SeededEpochSampler(Sampler[int]):
@@ -92,21 +92,26 @@ class LatentCacheBatches(torch.utils.data.Dataset):
     """Map-style view of a latent cache that fetches a whole batch with one Arrow ``take``.
 
     ``__getitems__`` takes the ``(index, flip)`` pairs of :class:`EpochBatchSampler` and returns
-    ``image`` uint8 (B, 3, R, R), ``latent_mean`` / ``latent_std`` float32 (B, C, h, w), ``label`` int64 (B,).
+    ``image`` uint8 (B, 3, R, R), ``latent_mean`` / ``latent_std`` float32 (B, C, h, w), ``label`` int64 (B,);
+    a pixel-space cache has no latent columns, so its batches hold only ``image`` and ``label``.
     A flip mirrors the pixel crop and both latent moments along the width. The cache was encoded from the
     unflipped crop, so the flipped moments are only approximately the posterior of the flipped crop (the VAE is
     not exactly flip-equivariant); the original REPA trains without flips, hence the default ``hflip=False``.
     """
 
     def __init__(self, dataset: datasets.Dataset):
-        missing = [name for name in (*_ARRAY_COLUMNS, "label") if name not in dataset.column_names]
+        latents = [name for name in _LATENT_COLUMNS if name in dataset.column_names]
+        missing = [name for name in ("image", "label") if name not in dataset.column_names]
+        if latents and len(latents) < len(_LATENT_COLUMNS):
+            missing += [name for name in _LATENT_COLUMNS if name not in latents]
         if missing:
             raise ValueError(
                 f"Not a latent cache: columns {missing} are missing (has {dataset.column_names}); "
                 "open caches with diffusers_repa.data.load_latent_cache."
             )
-        self._shapes = {name: tuple(dataset.features[name].shape) for name in _ARRAY_COLUMNS}
-        self._table_view = dataset.with_format("arrow", columns=[*_ARRAY_COLUMNS, "label"])
+        self._array_columns = ("image", *latents)
+        self._shapes = {name: tuple(dataset.features[name].shape) for name in self._array_columns}
+        self._table_view = dataset.with_format("arrow", columns=[*self._array_columns, "label"])
 
     def __len__(self) -> int:
         return len(self._table_view)
@@ -115,13 +120,14 @@ class LatentCacheBatches(torch.utils.data.Dataset):
         indices = [index for index, _ in batch]
         table = self._table_view[indices]
         samples = {
-            name: torch.from_numpy(_fixed_shape_column(table[name], self._shapes[name])) for name in _ARRAY_COLUMNS
+            name: torch.from_numpy(_fixed_shape_column(table[name], self._shapes[name]))
+            for name in self._array_columns
         }
         samples["label"] = torch.from_numpy(table["label"].to_numpy()).to(torch.int64)
         flips = torch.tensor([flip for _, flip in batch], dtype=torch.bool)
         if flips.any():
             mask = flips.view(-1, 1, 1, 1)
-            for name in _ARRAY_COLUMNS:
+            for name in self._array_columns:
                 samples[name] = torch.where(mask, samples[name].flip(-1), samples[name])
         return samples
 
@@ -147,13 +153,14 @@ def make_train_dataloader(
 ) -> DataLoader:
     """A torch ``DataLoader`` over a latent cache (from :func:`load_latent_cache`), batch by batch.
 
-    Each batch is a dict: ``image`` uint8 (B, 3, R, R), ``latent_mean`` and ``latent_std`` float32 (B, C, h, w),
-    ``label`` int64 (B,). The sample order (and the flips, when ``hflip``) depend only on ``(seed, epoch)``:
-    ``loader.batch_sampler.set_epoch(epoch)`` selects the epoch, and after ``accelerator.prepare`` the
-    prepared loader's ``set_epoch`` forwards to it (it is also called at each ``__iter__`` with accelerate's own
-    iteration count). The epoch also advances by itself after each complete pass. To resume mid-epoch, call
-    ``set_epoch(epoch)`` on the prepared loader, then iterate ``accelerator.skip_first_batches(loader, n)``;
-    call ``set_epoch`` again at the start of every later epoch, since the skipping loader does not forward it.
+    Each batch is a dict: ``image`` uint8 (B, 3, R, R), ``latent_mean`` and ``latent_std`` float32 (B, C, h, w)
+    (not in a pixel-space cache), ``label`` int64 (B,). The sample order (and the flips, when ``hflip``) depend
+    only on ``(seed, epoch)``: ``loader.batch_sampler.set_epoch(epoch)`` selects the epoch, and after
+    ``accelerator.prepare`` the prepared loader's ``set_epoch`` forwards to it (it is also called at each
+    ``__iter__`` with accelerate's own iteration count). The epoch also advances by itself after each complete
+    pass. To resume mid-epoch, call ``set_epoch(epoch)`` on the prepared loader, then iterate
+    ``accelerator.skip_first_batches(loader, n)``; call ``set_epoch`` again at the start of every later epoch,
+    since the skipping loader does not forward it.
 
     With ``accelerator.prepare`` each process gets every ``num_processes``-th batch (``batch_size`` is per
     process). ``hflip`` mirrors image and latent moments together (see :class:`LatentCacheBatches`).
