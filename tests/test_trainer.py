@@ -27,6 +27,7 @@ from diffusers_repa.pipelines.pipeline_sit import SiTPipeline
 from diffusers_repa.schedulers import SiTSDEScheduler
 from diffusers_repa.training import (
     NonFiniteLossError,
+    OutputDirInUseError,
     REPATrainer,
     REPATrainingArguments,
     TrainingInterrupted,
@@ -192,6 +193,7 @@ def test_a_crash_while_writing_a_checkpoint_never_looks_complete(assets, tmp_pat
     with pytest.raises(ValueError, match="unfinished checkpoint"):
         resolve_checkpoint(output_dir, str(output_dir / "checkpoint-4.tmp"))
 
+    trainer.close()
     reset_accelerate_state()
     resumed = REPATrainer(tiny_args(assets, output_dir, resume_from_checkpoint="latest", checkpoints_total_limit=2))
     assert resumed.global_step == 2
@@ -429,6 +431,15 @@ def test_compiled_training_matches_eager(assets, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- resume and stop
+
+
+def test_a_second_run_on_the_same_output_dir_refuses(assets, tmp_path):
+    first = REPATrainer(tiny_args(assets, tmp_path / "run"))
+    with pytest.raises(OutputDirInUseError, match=rf"{tmp_path / 'run'}.*pid {os.getpid()}"):
+        REPATrainer(tiny_args(assets, tmp_path / "run"))
+    first.train()  # releases the folder when done
+    assert not (tmp_path / "run" / ".run.lock").exists()
+    trained(assets, tmp_path / "run", max_train_steps=3, resume_from_checkpoint="latest")
 
 
 def test_the_last_step_is_always_checkpointed_and_a_finished_run_is_not_redone(assets, tmp_path):

@@ -59,6 +59,7 @@ from .model_setup import build_model, build_optimizer, resolve_encoder_depth
 from .objectives import REPAFlowObjective
 from .preflight import check_sources_reachable, default_cache_dir
 from .quickstart import QUICKSTART_NOTICE, build_quickstart_assets
+from .run_lock import acquire_run_lock
 from .run_settings import check_resume_settings, result_settings
 from .step import NonFiniteLossError, TrainingStep
 
@@ -115,6 +116,16 @@ class REPATrainer:
                 DistributedDataParallelKwargs(find_unused_parameters=args.alignment_stop_step is not None)
             ],
         )
+        # One run per folder: a second run on it refuses instead of mixing its files with this one's.
+        self._run_lock = acquire_run_lock(self.output_dir) if accelerator.is_main_process else None
+        try:
+            self._build(args, image_source)
+        except BaseException:
+            self.close()
+            raise
+
+    def _build(self, args: REPATrainingArguments, image_source: datasets.Dataset | None) -> None:
+        accelerator = self.accelerator
         set_seed(args.seed)  # the same initial weights on every process
         if args.allow_tf32 and torch.cuda.is_available():
             torch.backends.cuda.matmul.allow_tf32 = True
@@ -243,6 +254,7 @@ class REPATrainer:
         args, accelerator = self.args, self.accelerator
         if self.global_step == args.max_train_steps and export_step(self.export_dir) == self.global_step:
             logger.info(f"Already trained to step {self.global_step}; the export is {self.export_dir}.")
+            self.close()
             return self.export_dir
         batches = self._micro_batches(start_step=self.global_step)
         progress = tqdm(
@@ -251,7 +263,7 @@ class REPATrainer:
             desc="Steps",
             disable=not accelerator.is_local_main_process,
         )
-        with self._checkpoint_on_stop_signals():
+        with self._checkpoint_on_stop_signals(), contextlib.closing(self):
             for step in range(self.global_step, args.max_train_steps):
                 output = self.training_step(batches, step)
                 if output.updated:
@@ -272,10 +284,14 @@ class REPATrainer:
                     self._exit_on_stop_signal()
                 if self.global_step % args.validation_steps == 0:
                     self.log_validation()
-        progress.close()
-        export_dir = self.save_export()
-        accelerator.end_training()
-        return export_dir
+            progress.close()
+            return self.save_export()
+
+    def close(self) -> None:
+        """End the trackers and release the output folder (`train()` does it when it returns or fails)."""
+        self.accelerator.end_training()
+        if self._run_lock is not None:
+            self._run_lock.release()
 
     def _micro_batches(self, start_step: int) -> Iterator[dict[str, torch.Tensor]]:
         """Batches from the data position of `start_step`, epoch after epoch, in the order of an uninterrupted run
@@ -333,7 +349,6 @@ class REPATrainer:
             "--resume_from_checkpoint latest."
         )
         logger.warning(message, main_process_only=True)
-        self.accelerator.end_training()
         raise TrainingInterrupted(128 + signum)
 
     # ----------------------------------------------------------------------------------------------------- logging
