@@ -306,6 +306,21 @@ def test_cache_vae_matches_by_content_not_location(cache_256, vae_dir, tmp_path)
     assert not cache_vae_matches(pixels, vae_dir)
 
 
+def test_vae_objects_are_recorded_by_the_folder_they_came_from(tmp_path, vae_dir):
+    source = synthetic_class_dataset(num_classes=2, samples_per_class=1, resolution=32)
+    settings = {"num_workers": 0, "show_progress": False}
+    loaded = build_latent_cache(source, tmp_path / "loaded", AutoencoderKL.from_pretrained(vae_dir), 32, **settings)
+    info = read_cache_info(loaded)
+    assert info.vae == "tiny-vae" and cache_vae_matches(info, vae_dir)
+    in_memory = build_latent_cache(source, tmp_path / "in_memory", _tiny_vae(), 32, **settings)
+    info = read_cache_info(in_memory)
+    assert (info.vae, info.vae_hash) == ("in-memory AutoencoderKL", None) and not cache_vae_matches(info, vae_dir)
+    moved_away = AutoencoderKL.from_pretrained(shutil.copytree(vae_dir, tmp_path / "gone-vae"))
+    shutil.rmtree(tmp_path / "gone-vae")
+    info = read_cache_info(build_latent_cache(source, tmp_path / "gone", moved_away, 32, **settings))
+    assert (info.vae, info.vae_hash) == ("gone-vae", None)  # the folder's name only, never its absolute path
+
+
 def _small_folder(root: Path) -> Path:
     """Two classes of three images each."""
     rng = np.random.default_rng(2)

@@ -292,7 +292,8 @@ def _vae_record(name_or_path: str | os.PathLike | None) -> tuple[str, str | None
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         return path.resolve().name, _vae_folder_hash(path)
-    return str(name_or_path), None
+    # The folder an AutoencoderKL object was loaded from may be gone; its absolute path must not be published.
+    return (path.name, None) if path.is_absolute() else (str(name_or_path), None)
 
 
 def _load_vae(vae: AutoencoderKL | str | os.PathLike) -> tuple[AutoencoderKL, str, str | None]:
