@@ -132,17 +132,3 @@ def test_two_process_run_resumes_like_an_uninterrupted_one(tmp_path):
     for name in ("model.safetensors", "ema.safetensors"):
         expected = load_file(straight / "checkpoint-8" / name)
         torch.testing.assert_close(load_file(resumed / "checkpoint-8" / name), expected, rtol=0, atol=0)
-
-
-def test_model_card_lists_metrics_and_lora_base(tmp_path):
-    from diffusers_repa.training import render_model_card
-
-    args = REPATrainingArguments(pretrained_model="org/sit-xl-repa", lora_rank=16, dataset="user/flowers")
-    card = render_model_card(args, "me/sit-lora", num_steps=500, metrics={"FID-50K": 3.2})
-    text = str(card)
-    assert "base_model: org/sit-xl-repa" in text and "- user/flowers" in text
-    assert "| FID-50K | 3.2 |" in text and "A LoRA adapter (rank 16)" in text
-    assert 'pipe.load_lora_weights("me/sit-lora")' in text and "Smoke test" not in text
-    imagenet_card = str(render_model_card(REPATrainingArguments(encoder_depth=8), "me/sit-xl", num_steps=400000))
-    assert "- ILSVRC/imagenet-1k" in imagenet_card and "trained from scratch on `imagenet-1k`" in imagenet_card
-    assert "the output of block 8 is aligned" in imagenet_card

@@ -1,10 +1,18 @@
-"""Model card of a trained SiT / LoRA export, and its upload to the Hub."""
+"""Model card of a trained SiT / LoRA export, and its upload to the Hub, which never publishes a local path.
+
+A run's arguments and the configs that diffusers and transformers save (`_name_or_path`) can hold absolute paths of
+the training machine (home folders, user names, mount points). The card names a local folder by its name only;
+`remove_local_paths` rewrites the saved configs the same way; `push_export_to_hub` refuses to upload a folder in
+which `find_local_paths` still finds one.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
-from pathlib import Path
+import re
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
 from huggingface_hub import ModelCard, ModelCardData, create_repo, upload_folder
@@ -25,6 +33,47 @@ _CARD_SETTINGS = (
 )  # fmt: skip
 
 
+# Files of an export that may carry text: configs, the card, notes.
+TEXT_FILE_SUFFIXES = (".json", ".md", ".txt", ".yaml", ".yml")
+# An absolute path inside text: POSIX (at least two components, so that "/" or "1/2" are not taken for one; not the
+# path of a URL), Windows (drive or UNC), home-relative, or a file:// URL.
+_PATH_CHARS = r"[^\s\"'`<>|()\[\]{},;]"
+_ABSOLUTE_PATH_IN_TEXT = re.compile(
+    rf"(?<![\w.~:/\\-])/{_PATH_CHARS}+/{_PATH_CHARS}+"
+    rf"|(?<![\w])[A-Za-z]:[\\/]{_PATH_CHARS}+"
+    rf"|(?<![\w\\])\\\\{_PATH_CHARS}+"
+    rf"|(?<![\w/])~/{_PATH_CHARS}+"
+    rf"|\bfile://{_PATH_CHARS}+"
+)
+
+
+def _is_absolute(value: str) -> bool:
+    """An absolute or home-relative path in POSIX or Windows form (whatever the system this runs on)."""
+    value = value.strip()
+    return value.startswith("~") or PurePosixPath(value).is_absolute() or PureWindowsPath(value).is_absolute()
+
+
+def is_local_path(value: str) -> bool:
+    """Whether an argument value names something on this machine rather than a Hub id: an absolute or home-relative
+    path, or a file or folder that exists (e.g. ``data/imgs``)."""
+    return bool(value.strip()) and (_is_absolute(value) or Path(value).expanduser().exists())
+
+
+def _local_name(value: str) -> str:
+    """The last component of a local path, in either separator style (``/home/me/imgs/`` → ``imgs``)."""
+    path = PureWindowsPath(value) if PureWindowsPath(value).drive else PurePosixPath(value.replace("\\", "/"))
+    return path.name or str(path)
+
+
+def _card_value(value: Any) -> Any:
+    """How the card shows an argument: a local path as ``name (local folder)``, anything else as is. Comma-separated
+    lists (``--encoder a,b``) are shown item by item."""
+    if not isinstance(value, str):
+        return value
+    items = [item.strip() for item in value.split(",")]
+    return ",".join(f"{_local_name(item)} (local folder)" if item and is_local_path(item) else item for item in items)
+
+
 @dataclasses.dataclass
 class SampleGridInfo:
     """What the card says about its sample grid (a PNG next to the card)."""
@@ -40,7 +89,7 @@ def _hub_dataset_ids(dataset: str) -> list[str] | None:
     """The dataset as the card's metadata names it: a Hub id, or nothing for a local folder."""
     if dataset in ("imagenet-1k", "imagenet"):
         return [IMAGENET_1K_REPO_ID]
-    return [dataset] if dataset.count("/") == 1 and not Path(dataset).exists() else None
+    return [dataset] if dataset.count("/") == 1 and not is_local_path(dataset) else None
 
 
 def render_model_card(
@@ -54,6 +103,9 @@ def render_model_card(
 ) -> ModelCard:
     """Fill `model_cards/sit_repa.md` for a finished run.
 
+    Arguments that are local paths (`--dataset`, `--vae`, `--encoder`, `--pretrained_model`) appear as the folder's
+    name, ``name (local folder)``, never as the path; Hub ids appear as they are.
+
     Args:
         args: the run's arguments (dataset, encoder, sizes, optimiser settings).
         repo_id: Hub id the card's loading snippet uses (the local export folder works too).
@@ -66,17 +118,20 @@ def render_model_card(
     if not template_path.is_file():
         raise FileNotFoundError(f"Model card template {template_path} not found; pass template_path=.")
     is_lora = args.use_lora
+    base_model_on_hub = args.pretrained_model is not None and not is_local_path(args.pretrained_model)
     tags = ["diffusers", "sit", "repa", "class-conditional", "image-generation"] + (["lora"] if is_lora else [])
     card_data = ModelCardData(
         library_name="diffusers",
         tags=tags + (["smoke-test"] if smoke_notice else []),
         datasets=None if smoke_notice else _hub_dataset_ids(args.dataset),
-        base_model=args.pretrained_model if is_lora else None,
+        base_model=args.pretrained_model if is_lora and base_model_on_hub else None,
     )
     settings = dataclasses.asdict(args)
     lora_only = () if is_lora else ("pretrained_model", "lora_rank", "lora_alpha")
     training_config = {
-        name: settings[name] for name in _CARD_SETTINGS if settings[name] is not None and name not in lora_only
+        name: _card_value(settings[name])
+        for name in _CARD_SETTINGS
+        if settings[name] is not None and name not in lora_only
     }
     return ModelCard.from_template(
         card_data,
@@ -86,10 +141,10 @@ def render_model_card(
         smoke_notice=smoke_notice,
         is_lora=is_lora,
         lora_rank=args.lora_rank,
-        base_model=args.pretrained_model,
-        base_model_url=f"https://huggingface.co/{args.pretrained_model}",
-        dataset=args.dataset,
-        encoder=args.encoder,
+        base_model=_card_value(args.pretrained_model),
+        base_model_url=f"https://huggingface.co/{args.pretrained_model}" if base_model_on_hub else None,
+        dataset=_card_value(args.dataset),
+        encoder=_card_value(args.encoder),
         model_size=args.model,
         resolution=args.resolution,
         encoder_depth=args.encoder_depth,
@@ -106,8 +161,76 @@ def render_model_card(
     )
 
 
+def _text_files(folder: Path) -> list[Path]:
+    return sorted(path for path in folder.rglob("*") if path.is_file() and path.suffix in TEXT_FILE_SUFFIXES)
+
+
+def _without_local_paths(value: Any) -> Any:
+    """`value` (parsed JSON) with every string that is an absolute local path replaced by its last component."""
+    if isinstance(value, dict):
+        return {key: _without_local_paths(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_without_local_paths(item) for item in value]
+    if isinstance(value, str) and _is_absolute(value):
+        return _local_name(value)
+    return value
+
+
+def remove_local_paths(folder: str | os.PathLike) -> list[str]:
+    """Rewrite the JSON files under `folder` so that no value is an absolute local path; returns the files changed.
+
+    A string value that is an absolute (or home-relative) path becomes its last component: diffusers' and
+    transformers' `_name_or_path` of a component loaded from `/home/me/runs/vae` becomes `vae`, which keeps the
+    provenance without the machine's layout. Nothing reads `_name_or_path` back when loading. Paths inside longer
+    strings are left for [`find_local_paths`] to report.
+    """
+    folder = Path(folder)
+    changed = []
+    for path in sorted(folder.rglob("*.json")):
+        try:
+            config = json.loads(path.read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            continue  # not a config this function can rewrite; find_local_paths still scans its text
+        cleaned = _without_local_paths(config)
+        if cleaned != config:
+            path.write_text(json.dumps(cleaned, indent=2, ensure_ascii=False) + "\n")
+            changed.append(str(path.relative_to(folder)))
+    return changed
+
+
+def find_local_paths(folder: str | os.PathLike) -> list[str]:
+    """Absolute local paths in the text files (`TEXT_FILE_SUFFIXES`) under `folder`, as ``"file: path"`` entries.
+
+    Empty when `folder` is safe to publish in this respect.
+    """
+    folder = Path(folder)
+    found = []
+    for path in _text_files(folder):
+        try:
+            text = path.read_text()
+        except UnicodeDecodeError:
+            continue
+        found += [f"{path.relative_to(folder)}: {match}" for match in _ABSOLUTE_PATH_IN_TEXT.findall(text)]
+    return found
+
+
 def push_export_to_hub(folder: str | os.PathLike, repo_id: str, private: bool = False, **upload_kwargs: Any) -> str:
-    """Create `repo_id` (if needed) and upload the export folder (weights, card, sample grid); returns the repo URL."""
+    """Create `repo_id` (if needed) and upload the export folder (weights, card, sample grid); returns the repo URL.
+
+    First the folder's JSON configs are cleaned with [`remove_local_paths`]; an absolute local path that remains
+    anywhere in its text files (e.g. in the card, or inside a longer string) stops the upload before anything is
+    created on the Hub.
+
+    Raises:
+        ValueError: a text file under `folder` holds an absolute local path (the message names file and path).
+    """
+    remove_local_paths(folder)
+    leaks = find_local_paths(folder)
+    if leaks:
+        raise ValueError(
+            f"Not uploading {folder}: it would publish local paths of this machine ({'; '.join(leaks)}). Replace "
+            "them (e.g. by the folder's name) and push again."
+        )
     repo_url = create_repo(repo_id, private=private, exist_ok=True)
     upload_folder(
         repo_id=repo_id,
