@@ -14,7 +14,7 @@ __all__, __getattr__, __dir__ = lazy_exports(
         "model_setup": ["LORA_TARGET_MODULES", "build_model", "build_optimizer"],
         "objectives": ["Objective", "REPAFlowObjective"],
         "step": ["NonFiniteLossError", "StepOutput", "TrainingStep"],
-        "hub": ["push_export_to_hub", "render_model_card"],
+        "hub": ["find_local_paths", "is_local_path", "push_export_to_hub", "remove_local_paths", "render_model_card"],
         "preflight": ["SourcesUnreachableError", "check_sources_reachable"],
         "run_lock": ["OutputDirInUseError", "RunLock", "acquire_run_lock"],
         "trainer": ["REPATrainer", "TrainingInterrupted"],
