@@ -1,9 +1,11 @@
-"""Evaluation: ADM-compatible FID / sFID / IS / precision / recall, FD-DINOv2, and representation alignment."""
+"""Evaluation: ADM-compatible FID / sFID / IS / precision / recall, FD-DINOv2, representation alignment, and sample
+quality during training (Fréchet distances, an independent digit classifier, CSV and curves)."""
 
 from pathlib import Path
 
 from .alignment import cka, cknna, linear_probe_accuracy
 from .alignment_analysis import BlockAlignment, alignment_by_block, analyze_alignment, collect_features
+from .digits import DigitClassifier, load_or_train_digit_classifier, train_digit_classifier
 from .dinov2 import DINOv2Features
 from .evaluator import compute_reference_batch, evaluate_samples, format_metrics_table, iter_model_outputs
 from .generate import generate_samples, sample_labels
@@ -19,6 +21,14 @@ from .inception import (
     resolve_inception_weights,
 )
 from .metrics import RunningStatistics, compute_statistics, frechet_distance, inception_score, precision_recall
+from .training_eval import (
+    FrechetEvaluator,
+    append_eval_row,
+    build_training_evaluator,
+    plot_eval_curves,
+    read_eval_rows,
+    to_uint8_images,
+)
 
 # Folder of the `evaluate` metric script: `evaluate.load(str(FID_METRIC_PATH))`.
 FID_METRIC_PATH = Path(__file__).parent / "fid_metric"
@@ -26,9 +36,11 @@ FID_METRIC_PATH = Path(__file__).parent / "fid_metric"
 __all__ = [
     "BlockAlignment",
     "DINOv2Features",
+    "DigitClassifier",
     "FIDInceptionV3",
     "FID_INCEPTION_WEIGHTS_FILENAME",
     "FID_METRIC_PATH",
+    "FrechetEvaluator",
     "INCEPTION_WEIGHTS_ENV",
     "ImageSet",
     "InceptionFeatures",
@@ -36,6 +48,8 @@ __all__ = [
     "RunningStatistics",
     "alignment_by_block",
     "analyze_alignment",
+    "append_eval_row",
+    "build_training_evaluator",
     "cka",
     "cknna",
     "collect_features",
@@ -50,10 +64,15 @@ __all__ = [
     "iter_npz_batches",
     "linear_probe_accuracy",
     "load_fid_inception",
+    "load_or_train_digit_classifier",
     "open_image_set",
+    "plot_eval_curves",
     "precision_recall",
     "preprocess_for_inception",
+    "read_eval_rows",
     "resize_bilinear_tf1",
     "resolve_inception_weights",
     "sample_labels",
+    "to_uint8_images",
+    "train_digit_classifier",
 ]
