@@ -10,7 +10,7 @@ this host and its pid is no longer alive. A lock from another host is never take
 lives cannot be checked from here. An unreadable lock file (empty, truncated, not JSON) is refused too: it may be a
 run that is just writing it, and guessing wrong would let two runs share the folder.
 
-Only stdlib: the training script can take the lock before importing torch.
+Light (standard library only): a script can take the lock before importing torch.
 """
 
 from __future__ import annotations
@@ -26,12 +26,14 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from ..cli import UserError
+
 logger = logging.getLogger(__name__)
 
 LOCK_FILE_NAME = ".run.lock"
 
 
-class OutputDirInUseError(RuntimeError):
+class OutputDirInUseError(UserError, RuntimeError):
     """Another training run holds the lock on this `--output_dir` (or its lock file cannot be read)."""
 
 
