@@ -45,7 +45,16 @@ from safetensors.torch import load_file, save_file
 from torch.distributed.tensor import DTensor
 from tqdm.auto import tqdm
 
-from ..data import CACHE_INFO_FILE, build_latent_cache, load_latent_cache, make_train_dataloader, read_cache_info
+from ..data import (
+    CACHE_INFO_FILE,
+    build_latent_cache,
+    cache_vae_matches,
+    check_cache_source,
+    is_pixel_space_vae,
+    load_latent_cache,
+    make_train_dataloader,
+    read_cache_info,
+)
 from ..encoders import check_token_grid, load_encoders
 from ..latents import latent_shift_and_scale
 from ..pipelines.pipeline_sit import SiTPipeline
@@ -165,7 +174,7 @@ class REPATrainer:
             if args.proj_coeff > 0
             else []
         )
-        self.vae = None if info.vae is None else AutoencoderKL.from_pretrained(args.vae).to(device).eval()
+        self.vae = None if info.pixel_space else AutoencoderKL.from_pretrained(args.vae).to(device).eval()
         model = build_model(args, info, projection_dims=tuple(encoder.embed_dim for encoder in self.encoders))
         if not args.interpolate_targets:
             for encoder in self.encoders:
@@ -594,10 +603,17 @@ class REPATrainer:
         cache_dir = Path(args.cache_dir) if args.cache_dir else default_cache_dir(args)
         have_cache = (cache_dir / CACHE_INFO_FILE).is_file()
         check_sources_reachable(args, need_dataset=not have_cache and image_source is None)
+        source = args.dataset if image_source is None else image_source
+        if have_cache and args.cache_dir is None and image_source is None:
+            # The default folder is named after --dataset: reuse it only if that source has not changed since. An
+            # explicit --cache_dir is the user's choice of data (e.g. a shared cache), whatever --dataset says.
+            check_cache_source(
+                cache_dir, source, args.dataset_split, args.image_column, args.label_column, args.max_train_samples
+            )
         if not have_cache:
             logger.info(f"Building the latent cache in {cache_dir} (once).", main_process_only=True)
             build_latent_cache(
-                args.dataset if image_source is None else image_source,
+                source,
                 cache_dir,
                 args.vae,
                 args.resolution,
@@ -622,21 +638,20 @@ class REPATrainer:
     def _check_cache_matches_vae(self, cache_dir: Path) -> None:
         """The cache must hold what --vae and --resolution give (latents of that VAE, or pixels without one)."""
         args, info = self.args, self.cache_info
-        if info.vae is None:
+        if is_pixel_space_vae(args.vae):
             expected = (args.resolution, 3, args.resolution, 1.0)
         else:
             vae_config = AutoencoderKL.load_config(args.vae)
             latent_size = args.resolution // 2 ** (len(vae_config["block_out_channels"]) - 1)
             expected = (args.resolution, vae_config["latent_channels"], latent_size, vae_config["scaling_factor"])
         cached = (info.resolution, info.latent_channels, info.latent_size, info.scaling_factor)
-        if cached != expected:
+        if cached != expected or info.pixel_space != is_pixel_space_vae(args.vae):
             raise ValueError(
                 f"The latent cache {cache_dir} holds {info.resolution}-px images as {info.latent_channels}×"
                 f"{info.latent_size}² inputs (VAE {info.vae!r}, scaling {info.scaling_factor}), which --resolution "
                 f"{args.resolution} with --vae {args.vae!r} does not give; pass matching flags or another --cache_dir."
             )
-        same_local_folder = Path(args.vae).exists() and Path(info.vae or "").resolve() == Path(args.vae).resolve()
-        if info.vae != args.vae and not same_local_folder:  # e.g. the same local VAE folder, moved
+        if not cache_vae_matches(info, args.vae):  # same shapes, other weights: the latents decode wrongly
             logger.warning(f"The latent cache was encoded with VAE {info.vae!r}; this run decodes with {args.vae!r}.")
 
     def _start_run_records(self) -> None:
