@@ -34,6 +34,10 @@ def test_to_uint8_images_accepts_the_pipeline_and_loader_layouts():
     assert to_uint8_images(torch.full((1, 3, 8, 8), 0.5)).unique().tolist() == [128]
     with pytest.raises(ValueError, match=r"\[-1, 1\]"):
         to_uint8_images(floats * 2 - 1)
+    with_nan = floats.clone()
+    with_nan[0, 0, 0, 0] = torch.nan
+    with pytest.raises(ValueError, match="non-finite: 1"):
+        to_uint8_images(with_nan)
     with pytest.raises(ValueError, match="square"):
         to_uint8_images(torch.zeros(2, 3, 8, 6))
 

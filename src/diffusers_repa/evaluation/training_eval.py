@@ -47,7 +47,7 @@ def to_uint8_images(images: Images) -> torch.Tensor:
     The layout is (N, C, R, R) when dim 1 has 1 or 3 channels and the last two dims are equal, else (N, R, R, C); one
     grey channel is repeated to three. Floats must lie in [0, 1] and are quantised as saving a PNG would
     (``round(255·x)``, as [`~diffusers_repa.evaluation.generate_samples`] does); other dtypes than uint8 and float
-    are refused, as is a float range like [-1, 1] that would silently give wrong features.
+    are refused, as are floats outside [0, 1] (e.g. [-1, 1] images, NaN) that would silently give wrong features.
     """
     tensor = torch.as_tensor(images).detach().cpu()
     if tensor.ndim != 4:
@@ -59,10 +59,11 @@ def to_uint8_images(images: Images) -> torch.Tensor:
     else:
         raise ValueError(f"Images must be square (N, 3, R, R) or (N, R, R, 3), got shape {tuple(tensor.shape)}.")
     if tensor.is_floating_point():
-        if len(tensor) and (tensor.min() < -1e-3 or tensor.max() > 1 + 1e-3):
+        # Written so that NaN fails too.
+        if not ((tensor >= -1e-3) & (tensor <= 1 + 1e-3)).all():
             raise ValueError(
-                f"Float images must lie in [0, 1], got values in [{tensor.min():.3f}, {tensor.max():.3f}]; "
-                "map [-1, 1] images with (x + 1) / 2 first."
+                f"Float images must lie in [0, 1], got values in [{tensor.min():.3f}, {tensor.max():.3f}] "
+                f"(non-finite: {int((~tensor.isfinite()).sum())}); map [-1, 1] images with (x + 1) / 2 first."
             )
         tensor = (tensor.double() * 255).round().clamp(0, 255).to(torch.uint8)
     elif tensor.dtype != torch.uint8:
@@ -172,17 +173,15 @@ class FrechetEvaluator:
         Returns:
             ``{metric_name: Fréchet distance (float64, via metrics.frechet_distance)[, "class_accuracy": fraction]}``.
         """
-        if labels is None or self.classifier is None:
-            statistics = self._statistics(images)
-            predicted = None
-        else:
-            statistics, predictions = RunningStatistics(), []
-            for batch in self._batches(images):
-                statistics.update(self._features(batch))
+        with_accuracy = labels is not None and self.classifier is not None
+        statistics, predictions = RunningStatistics(), []
+        for batch in self._batches(images):
+            statistics.update(self._features(batch))
+            if with_accuracy:
                 predictions.append(np.asarray(self.classifier.predict(batch)).reshape(-1))
-            predicted = np.concatenate(predictions)
         metrics = {self.metric_name: frechet_distance(*statistics.finalize(), *self.reference_statistics)}
-        if predicted is not None:
+        if with_accuracy:
+            predicted = np.concatenate(predictions)
             labels = np.asarray(torch.as_tensor(labels).cpu()).reshape(-1)
             if len(labels) != len(predicted):
                 raise ValueError(f"Got {len(labels)} labels for {len(predicted)} images.")
