@@ -69,17 +69,29 @@ def save_checkpoint(
     staging = output_dir / f"{CHECKPOINT_PREFIX}{step}.tmp"
     if accelerator.is_main_process:
         shutil.rmtree(staging, ignore_errors=True)  # left over by a run killed while writing this step
-        staging.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    if accelerator.is_local_main_process:  # one per machine: nodes may not share a filesystem
+        staging.mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(staging))
     write_extra(staging)
     accelerator.wait_for_everyone()
+    # The main process publishes the checkpoint; then, on machines that do not share its filesystem, the local main
+    # process publishes the files written there (its processes' random states), so every node can resume.
     if accelerator.is_main_process:
-        if final.exists():  # the same step saved again after a resume from it
-            shutil.rmtree(final)
-        os.replace(staging, final)
-        if total_limit is not None:
-            for old in list_checkpoints(output_dir)[:-total_limit]:
-                shutil.rmtree(old)
+        _publish(staging, final, output_dir, total_limit)
+    accelerator.wait_for_everyone()
+    if accelerator.is_local_main_process and not accelerator.is_main_process and staging.exists():
+        _publish(staging, final, output_dir, total_limit)
     accelerator.wait_for_everyone()
     return final
+
+
+def _publish(staging: Path, final: Path, output_dir: Path, total_limit: int | None) -> None:
+    """Rename the finished `staging` folder to `final`, then delete checkpoints beyond the newest `total_limit`."""
+    if final.exists():  # the same step saved again after a resume from it
+        shutil.rmtree(final)
+    os.replace(staging, final)
+    if total_limit is not None:
+        for old in list_checkpoints(output_dir)[:-total_limit]:
+            shutil.rmtree(old, ignore_errors=True)

@@ -392,8 +392,8 @@ class REPATrainer:
         }
 
     def make_pipeline(self, scheduler: SiTODEScheduler | SiTSDEScheduler) -> SiTPipeline:
-        """A `SiTPipeline` around the EMA transformer, the VAE (none in pixel space) and the dataset's class names."""
-        self.sync_ema_model()
+        """A `SiTPipeline` around the EMA transformer, the VAE (none in pixel space) and the dataset's class names
+        (call `sync_ema_model()` on every process first)."""
         return SiTPipeline(
             transformer=self.ema_model, vae=self.vae, scheduler=scheduler, id2label=self.cache_info.id2label
         )
