@@ -23,6 +23,7 @@ _LAZY_EXPORTS = {
         "load_encoders",
         "save_tiny_random_encoder",
     ],
+    "encoders.digits": ["pretrain_digits_encoder", "read_digits_encoder_record"],
     "data": [
         "LatentCacheInfo",
         "build_latent_cache",

@@ -1,4 +1,8 @@
-"""Frozen pretrained vision encoders (DINOv2, DINOv3, CLIP, SigLIP, MAE, I-JEPA) as REPA alignment targets."""
+"""Frozen pretrained vision encoders (DINOv2, DINOv3, CLIP, SigLIP, MAE, I-JEPA) as REPA alignment targets.
+
+`diffusers_repa.encoders.digits` (imported on demand: it needs scikit-learn and the data stack) pretrains a tiny
+encoder on scikit-learn's digits in seconds, a real target for offline pixel-space runs.
+"""
 
 from .families import FAMILIES, MODEL_TYPE_TO_FAMILY, EncoderFamily, resample_position_embeddings
 from .registry import ENCODER_ALIASES, TOKEN_STRIDE, TOKEN_STRIDE_CONFIG_KEY, EncoderSpec
