@@ -1,5 +1,6 @@
 """training/train_repa.py: config files and flags, the quickstart command, failing fast, and a 2-process run."""
 
+import dataclasses
 import os
 import shutil
 import subprocess
@@ -11,7 +12,16 @@ import torch
 from safetensors.torch import load_file
 
 from diffusers_repa.pipelines.pipeline_sit import SiTPipeline
-from diffusers_repa.training import REPATrainingArguments, load_config_file, parse_training_args
+from diffusers_repa.training import (
+    REPATrainingArguments,
+    acquire_run_lock,
+    check_sources_reachable,
+    load_config_file,
+    parse_training_args,
+)
+from diffusers_repa.training.quickstart import build_quickstart_assets
+
+from .conftest import tiny_sit_pipeline
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "training" / "train_repa.py"
@@ -78,19 +88,143 @@ def test_quickstart_command_trains_checkpoints_and_exports_a_loadable_pipeline(t
     assert [image.size for image in images] == [(64, 64), (64, 64)]
 
 
+def test_model_flags_are_checked_before_any_data_or_model_is_loaded(tmp_path):
+    with pytest.raises(ValueError, match=r"--model: Unknown SiT preset 'SiT-M/2'\. Choose one of: SiT-S/2"):
+        parse_training_args(["--model", "SiT-M/2"])
+    with pytest.raises(ValueError, match="--encoder_depth 13 is not a block of a 12-block model .* between 1 and 12"):
+        parse_training_args(["--model", "SiT-B/2", "--encoder_depth", "13"])
+    with pytest.raises(ValueError, match="SiT-XL/2's default encoder depth 8 is not a block of a 6-block model"):
+        parse_training_args(["--depth", "6"])
+    assert parse_training_args(["--depth", "6", "--proj_coeff", "0"]).depth == 6  # no alignment: no block needed
+    with pytest.raises(ValueError, match="width 1000 .* attention heads 16"):
+        parse_training_args(["--hidden_size", "1000"])
+    with pytest.raises(ValueError, match="--lora_alpha scales LoRA adapters: also pass --lora_rank"):
+        parse_training_args(["--lora_alpha", "8"])
+    (tmp_path / "run").write_text("")
+    with pytest.raises(NotADirectoryError, match="--output_dir .*run is a file"):
+        parse_training_args(["--output_dir", str(tmp_path / "run")])
+
+
+def test_a_mistake_is_one_error_line_without_traceback_unless_debug():
+    result = run_script("--cfg_prob", "2")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.splitlines()[-1] == "train_repa.py: error: --cfg_prob must be in [0, 1), got 2.0."
+    result = run_script("--cfg_prob", "2", "--debug")
+    assert result.returncode == 1 and "Traceback" in result.stderr
+
+
+def test_help_does_not_import_torch():
+    result = run_script("--help", launcher=("-X", "importtime"))
+    assert result.returncode == 0 and "--encoder_depth" in result.stdout
+    imported = {line.split("|")[-1].strip() for line in result.stderr.splitlines() if line.startswith("import time")}
+    assert "transformers" in imported and "torch" not in imported and "datasets" not in imported
+
+
+def last_line(result: subprocess.CompletedProcess) -> str:
+    return result.stderr.strip().splitlines()[-1]
+
+
 def test_imagenet_run_fails_fast_when_nothing_can_be_reached(tmp_path):
     hf_home = tmp_path / "hf_home"
     result = run_script(
         "--dataset", "imagenet-1k", "--output_dir", str(tmp_path / "run"), "--mixed_precision", "no",
         env={"HF_HOME": str(hf_home), "HF_HUB_CACHE": str(hf_home / "hub")},
     )  # fmt: skip
-    assert result.returncode == 1
-    message = result.stderr
-    assert "Cannot start training: these sources cannot be read." in message
-    assert "dataset 'imagenet-1k'" in message and "VAE 'stabilityai/sd-vae-ft-mse'" in message
-    assert "encoder 'dinov2-vit-b' (facebook/dinov2-base)" in message and "HF_HUB_OFFLINE is set" in message
-    assert "Traceback" not in message
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert last_line(result) == (
+        "train_repa.py: error: Cannot start training: the dataset 'imagenet-1k', the VAE 'stabilityai/sd-vae-ft-mse' "
+        "and the encoder 'dinov2-vit-b' cannot be read (HF_HUB_OFFLINE is set: only local folders and files already "
+        "in the Hub cache can be used)."
+    )
+    assert "  - the encoder 'dinov2-vit-b': facebook/dinov2-base: " in result.stderr
+    assert "Fix: log in / accept the dataset's terms" in result.stderr and "quickstart.yaml" in result.stderr
     assert not (hf_home / "diffusers_repa").exists() and not (tmp_path / "run").exists()
+
+
+def test_an_unreachable_hub_fails_fast_without_retries(tmp_path):
+    """No HF_HUB_OFFLINE, but the Hub does not answer (here: a closed local port instead of huggingface.co): one
+    probe, then the sources are looked up in the (empty) Hub cache only, instead of retrying each for half a minute."""
+    hf_home = tmp_path / "hf_home"
+    result = run_script(
+        "--dataset", "imagenet-1k", "--output_dir", str(tmp_path / "run"), "--mixed_precision", "no",
+        env={
+            "HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HOME": str(hf_home),
+            "HF_HUB_CACHE": str(hf_home / "hub"),
+        },
+    )  # fmt: skip
+    assert result.returncode == 2 and "Traceback" not in result.stderr and "Retrying" not in result.stderr
+    assert last_line(result).startswith(
+        "train_repa.py: error: Cannot start training: the dataset 'imagenet-1k', the VAE 'stabilityai/sd-vae-ft-mse' "
+        "and the encoder 'dinov2-vit-b' cannot be read (the Hub, http://127.0.0.1:9, cannot be reached: "
+    )
+    assert last_line(result).endswith("; nor are they in the Hub cache).")
+
+
+def test_a_second_run_on_a_busy_output_dir_refuses_in_one_line(tmp_path):
+    output_dir = tmp_path / "run"
+    with acquire_run_lock(output_dir):
+        result = run_script("--dataset", "imagenet-1k", "--output_dir", str(output_dir), "--mixed_precision", "no")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert last_line(result).startswith(
+        f"train_repa.py: error: {output_dir} is in use by another training run (pid {os.getpid()} on host "
+    )
+
+
+@pytest.fixture(scope="module")
+def tiny_sources(tmp_path_factory) -> dict[str, str]:
+    """A tiny local VAE (8x) and encoder (16 px per token): flags that pass the source checks offline."""
+    assets = build_quickstart_assets(tmp_path_factory.mktemp("assets"), resolution=64, samples_per_class=1)
+    return {"vae": str(assets.vae), "encoder": str(assets.encoder), "resolution": 64}
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (
+            {"model": "SiT-S/4"},
+            r"The encoder '.*tiny-random-dinov2' gives a 4×4 token grid at --resolution 64, but --model SiT-S/4 sees a "
+            r"2×2 grid \(8² inputs, patch size 4\).* or pass --interpolate_targets",
+        ),
+        ({"model": "SiT-S/8", "resolution": 48}, r"--model SiT-S/8 has patch size 8, which does not divide the 6×6"),
+        ({"vae": "none", "resolution": 36}, r"--resolution 36 is not a multiple of 16, the pixels per token of the"),
+        ({"resolution": 36}, r"--resolution 36 is not a multiple of 8, the downsampling of --vae"),
+    ],
+)
+def test_shapes_that_do_not_fit_fail_before_the_latent_cache(tiny_sources, flags, message):
+    args = REPATrainingArguments(**{**tiny_sources, "model": "SiT-S/2", **flags})
+    with pytest.raises(ValueError, match=message):
+        check_sources_reachable(args, need_dataset=False)
+
+
+def test_fitting_shapes_pass_and_interpolation_accepts_another_grid(tiny_sources):
+    check_sources_reachable(REPATrainingArguments(**tiny_sources, model="SiT-S/2"), need_dataset=False)
+    args = REPATrainingArguments(**tiny_sources, model="SiT-S/4", interpolate_targets=True)
+    check_sources_reachable(args, need_dataset=False)
+    check_sources_reachable(REPATrainingArguments(**tiny_sources, model="SiT-S/4", proj_coeff=0), need_dataset=False)
+
+
+def test_a_pretrained_model_must_fit_the_latents_and_have_a_null_class(tiny_sources, tmp_path):
+    pipe = tiny_sit_pipeline(latent_size=4, depth=1, num_classes=3)
+    pipe.transformer.save_pretrained(tmp_path / "base" / "transformer")
+    args = REPATrainingArguments(**tiny_sources, pretrained_model=str(tmp_path / "base"), proj_coeff=0)
+    with pytest.raises(ValueError, match=r"works on 4×4² inputs, but --resolution 64 with --vae .* gives 4×8²"):
+        check_sources_reachable(args, need_dataset=False)
+    check_sources_reachable(dataclasses.replace(args, resolution=32), need_dataset=False)
+    pipe.transformer.register_to_config(class_dropout_prob=0.0)
+    pipe.transformer.save_pretrained(tmp_path / "base" / "transformer")
+    with pytest.raises(ValueError, match="has no null class for label dropout; pass --cfg_prob 0"):
+        check_sources_reachable(dataclasses.replace(args, resolution=32), need_dataset=False)
+
+
+def test_a_misfit_quickstart_stops_before_building_its_latent_cache(tmp_path):
+    output_dir = tmp_path / "quickstart"
+    result = run_script(
+        "--config", "training/configs/quickstart.yaml", "--output_dir", str(output_dir), "--model", "SiT-S/4"
+    )
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert last_line(result).startswith("train_repa.py: error: The encoder '")
+    assert "4×4 token grid at --resolution 64, but --model SiT-S/4 sees a 2×2 grid" in last_line(result)
+    assert not (output_dir / "quickstart_assets" / "latent_cache").exists()
 
 
 @pytest.mark.slow

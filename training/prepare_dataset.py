@@ -8,15 +8,20 @@ Several GPUs (each process encodes its own shards; rerun the same command to res
 
 Sources: "imagenet-1k" (gated Hub dataset ILSVRC/imagenet-1k: accept its terms on the dataset page and run
 `hf auth login`), any Hub image-classification dataset, or a local folder with one sub-folder per class.
+
+A mistake (a missing folder, an unreadable source, a bad value) ends with one `prepare_dataset.py: error: ...` line
+(exit status 2); add `--debug` for the traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 from accelerate import PartialState
 
+from diffusers_repa.cli import run_cli
 from diffusers_repa.data import (
     DEFAULT_VAE,
     SKIPPED_REPORT_FILE,
@@ -92,4 +97,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main))

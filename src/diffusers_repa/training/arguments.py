@@ -197,37 +197,31 @@ class REPATrainingArguments:
             )
         if self.lora_alpha is not None and not self.lora_rank:
             raise ValueError("--lora_alpha scales LoRA adapters: also pass --lora_rank, or drop --lora_alpha.")
-        # The model's shape, checked here rather than when the model is built, which is after the latent cache.
-        if self.pretrained_model is not None:
-            resized = [f"--{name}" for name in ("depth", "hidden_size", "num_attention_heads") if getattr(self, name)]
-            if resized:
-                raise ValueError(
-                    f"{', '.join(resized)} size a new model, but --pretrained_model {self.pretrained_model} keeps its "
-                    "own sizes: drop them."
-                )
-            return
-        # Imported last, so that the cheap checks above answer without loading torch.
-        from ..models.transformer_sit import parse_sit_preset
+        # The model's shape is checked here, not only when the model is built, which comes after the latent cache. A
+        # pretrained model brings its own shape.
+        if self.pretrained_model is None:
+            # Imported after the cheap checks, which thus answer without loading torch.
+            from ..models.transformer_sit import parse_sit_preset
 
-        try:
-            preset = parse_sit_preset(self.model)
-        except ValueError as error:
-            raise ValueError(f"--model: {error}") from None
-        depth = self.depth or preset["depth"]
-        hidden_size = self.hidden_size or preset["hidden_size"]
-        num_heads = self.num_attention_heads or preset["num_attention_heads"]
-        if hidden_size % num_heads:
-            raise ValueError(
-                f"The width {hidden_size} (--hidden_size, or {self.model}'s) must be divisible by the number of "
-                f"attention heads {num_heads} (--num_attention_heads, or {self.model}'s): change one of them."
+            try:
+                preset = parse_sit_preset(self.model)
+            except ValueError as error:
+                raise ValueError(f"--model: {error}") from None
+            sizes = ("depth", "hidden_size", "num_attention_heads", "encoder_depth")
+            depth, hidden_size, num_heads, encoder_depth = (
+                preset[name] if getattr(self, name) is None else getattr(self, name) for name in sizes
             )
-        encoder_depth = self.encoder_depth or preset["encoder_depth"]
-        if self.proj_coeff > 0 and not 1 <= encoder_depth <= depth:
-            source = "--encoder_depth" if self.encoder_depth else f"{self.model}'s default encoder depth"
-            raise ValueError(
-                f"{source} {encoder_depth} is not a block of a {depth}-block model (--depth, or {self.model}'s): "
-                f"pass --encoder_depth between 1 and {depth}."
-            )
+            if hidden_size % num_heads:
+                raise ValueError(
+                    f"The width {hidden_size} (--hidden_size, or {self.model}'s) must be divisible by the number of "
+                    f"attention heads {num_heads} (--num_attention_heads, or {self.model}'s): change one of them."
+                )
+            if self.proj_coeff > 0 and not 1 <= encoder_depth <= depth:
+                source = f"{self.model}'s default encoder depth" if self.encoder_depth is None else "--encoder_depth"
+                raise ValueError(
+                    f"{source} {encoder_depth} is not a block of a {depth}-block model (--depth, or {self.model}'s): "
+                    f"pass --encoder_depth between 1 and {depth}."
+                )
 
     @property
     def use_lora(self) -> bool:

@@ -10,7 +10,7 @@ this host and its pid is no longer alive. A lock from another host is never take
 lives cannot be checked from here. An unreadable lock file (empty, truncated, not JSON) is refused too: it may be a
 run that is just writing it, and guessing wrong would let two runs share the folder.
 
-Light (standard library only): a script can take the lock before importing torch.
+Light (no torch, no Hub libraries): a script can take the lock before its heavy imports.
 """
 
 from __future__ import annotations
