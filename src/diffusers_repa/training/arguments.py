@@ -52,6 +52,26 @@ class REPATrainingArguments:
     validation_sampler: Literal["ode", "sde"] = field(default="ode", metadata=_help("Sampler of the validation grid."))
     validation_inference_steps: int = field(default=50, metadata=_help("Sampling steps of the validation grid."))
     validation_guidance_scale: float = field(default=4.0, metadata=_help("CFG scale of the validation grid."))
+    eval_steps: int | None = field(
+        default=None,
+        metadata=_help(
+            "Every N steps (and at the last one), measure EMA samples against the training images: a Fréchet "
+            "distance and, with a classifier, class accuracy, into eval.csv, eval.png, the trackers and the card."
+        ),
+    )
+    eval_metric: str | None = field(
+        default=None,
+        metadata=_help(
+            "Feature space of --eval_steps: 'digits' (an independent digit classifier; the default for --dataset "
+            "digits), 'inception' (FID; the default otherwise) or 'encoder:<name or path>' (e.g. FD-DINOv2)."
+        ),
+    )
+    eval_num_samples: int = field(default=1000, metadata=_help("EMA samples per evaluation (classes equally often)."))
+    eval_num_reference: int = field(
+        default=10000, metadata=_help("Training images (the first N of the cache) the samples are compared with.")
+    )
+    eval_inference_steps: int = field(default=50, metadata=_help("Sampling steps of the evaluation samples."))
+    eval_guidance_scale: float = field(default=1.0, metadata=_help("CFG scale of the evaluation samples."))
     checkpointing_steps: int = field(default=50000, metadata=_help("Save a resumable checkpoint every N steps."))
     checkpoints_total_limit: int | None = field(default=None, metadata=_help("Keep only the newest N checkpoints."))
     resume_from_checkpoint: str | None = field(
@@ -168,8 +188,15 @@ class REPATrainingArguments:
             "logging_steps", "validation_steps", "checkpointing_steps", "max_train_steps", "global_batch_size",
             "gradient_accumulation_steps", "resolution", "max_nonfinite_steps", "num_validation_images",
             "validation_inference_steps", "max_grad_norm", "train_batch_size", "checkpoints_total_limit",
-            "max_train_samples", "depth", "hidden_size", "num_attention_heads", "projector_dim",
+            "max_train_samples", "depth", "hidden_size", "num_attention_heads", "projector_dim", "eval_steps",
+            "eval_num_reference", "eval_inference_steps",
         )  # fmt: skip
+        if self.eval_num_samples < 2:
+            raise ValueError(
+                f"--eval_num_samples must be at least 2 (a covariance needs two), got {self.eval_num_samples}."
+            )
+        if self.cfg_prob == 0 and self.eval_guidance_scale > 1:
+            raise ValueError("--cfg_prob 0 trains no null class: pass --eval_guidance_scale 1.")
         for name in must_be_positive:
             value = getattr(self, name)
             if value is not None and value <= 0:

@@ -23,7 +23,8 @@ NEUTRAL_SETTINGS = frozenset(
         "validation_steps", "num_validation_images", "validation_sampler", "validation_inference_steps",
         "validation_guidance_scale", "checkpointing_steps", "checkpoints_total_limit", "resume_from_checkpoint",
         "resume_with_changes", "push_to_hub", "hub_model_id", "hub_private_repo", "max_train_steps",
-        "dataloader_num_workers", "cache_dir", "compile", "gradient_checkpointing", "allow_tf32",
+        "dataloader_num_workers", "cache_dir", "compile", "gradient_checkpointing", "allow_tf32", "eval_steps",
+        "eval_metric", "eval_num_samples", "eval_num_reference", "eval_inference_steps", "eval_guidance_scale",
     }
 )  # fmt: skip
 # Settings a resumed run may change on purpose (`--resume_with_changes`); every other one is fixed for the run.

@@ -66,6 +66,7 @@ from .export import export_step, sample_grid, write_export
 from .hub import SampleGridInfo, push_export_to_hub, render_model_card
 from .model_setup import build_model, build_optimizer, resolve_encoder_depth
 from .objectives import REPAFlowObjective
+from .periodic_eval import EVAL_PLOT_NAME, PeriodicEvaluation
 from .preflight import check_sources_reachable, default_cache_dir
 from .quickstart import QUICKSTART_NOTICE, build_quickstart_assets
 from .run_lock import acquire_run_lock
@@ -233,6 +234,11 @@ class REPATrainer:
             generator=torch.Generator().manual_seed(args.seed),
         )
 
+        # Evaluation during training (main process: it samples and measures alone).
+        self.eval_metrics: dict[str, float] = {}
+        self.evaluation = None
+        if args.eval_steps is not None and accelerator.is_main_process:
+            self.evaluation = PeriodicEvaluation(args, self.cache_dir, info.num_classes, self.output_dir, device)
         self._reset_metrics()
         if checkpoint is not None:
             self.load_checkpoint(checkpoint)
@@ -283,6 +289,11 @@ class REPATrainer:
                 stop = self._stop_requested()
                 if self.global_step % args.logging_steps == 0:
                     progress.set_postfix(self.log_metrics())
+                # Before the checkpoint: a run killed in between evaluates this step again after resuming.
+                if args.eval_steps and (
+                    self.global_step % args.eval_steps == 0 or self.global_step == args.max_train_steps
+                ):
+                    self.evaluate()
                 if (
                     self.global_step % args.checkpointing_steps == 0
                     or self.global_step == args.max_train_steps
@@ -401,9 +412,7 @@ class REPATrainer:
     def sample_grid(self, pipeline: SiTPipeline | None = None) -> PIL.Image.Image:
         """Images of the EMA weights for the fixed validation labels and noise, as one grid."""
         args = self.args
-        pipeline = pipeline or self.make_pipeline(
-            SiTODEScheduler() if args.validation_sampler == "ode" else SiTSDEScheduler(path_type=args.path_type)
-        )
+        pipeline = pipeline or self.make_pipeline(self._sampling_scheduler())
         return sample_grid(
             pipeline,
             self.validation_labels,
@@ -413,6 +422,30 @@ class REPATrainer:
             args.seed,
             autocast=self.accelerator.autocast,
         )
+
+    def evaluate(self) -> dict[str, float]:
+        """Measure EMA samples against the training images (`--eval_metric`), record them in eval.csv / eval.png and
+        the trackers, and return the metrics (on the main process; call on every process)."""
+        self.sync_ema_model()  # collective under FSDP2
+        if self.evaluation is None:
+            return {}
+        pipeline = self.make_pipeline(self._sampling_scheduler())
+        self.eval_metrics = self.evaluation(pipeline, self.global_step, autocast=self.accelerator.autocast)
+        self.accelerator.log(
+            {f"eval/{name}": value for name, value in self.eval_metrics.items()}, step=self.global_step
+        )
+        logger.info(
+            f"Evaluation at step {self.global_step}: "
+            + ", ".join(f"{name} {value:.4g}" for name, value in self.eval_metrics.items()),
+            main_process_only=True,
+        )
+        return self.eval_metrics
+
+    def _sampling_scheduler(self) -> SiTODEScheduler | SiTSDEScheduler:
+        """The scheduler of validation grids and evaluations (`--validation_sampler`)."""
+        if self.args.validation_sampler == "ode":
+            return SiTODEScheduler()
+        return SiTSDEScheduler(path_type=self.args.path_type)
 
     def log_validation(self) -> Path | None:
         """Sample the validation grid from the EMA weights, save it as samples/step-<step>.png and log it
@@ -564,10 +597,13 @@ class REPATrainer:
                 args.validation_guidance_scale,
             )  # fmt: skip
             repo_id = args.hub_model_id or self.output_dir.resolve().name
+            metrics = {**self.eval_metrics, **(metrics or {})}
             card = render_model_card(args, repo_id, self.global_step, grid_info, metrics, self.smoke_notice)
+            curves = self.output_dir / EVAL_PLOT_NAME
             write_export(
-                self.export_dir, pipeline, lora=args.use_lora, grid=grid, card=card, global_step=self.global_step
-            )
+                self.export_dir, pipeline, lora=args.use_lora, grid=grid, card=card, global_step=self.global_step,
+                extra_files={EVAL_PLOT_NAME: curves} if self.evaluation is not None and curves.is_file() else None,
+            )  # fmt: skip
             logger.info(f"Saved the final EMA weights to {self.export_dir}.")
             if args.push_to_hub:
                 url = push_export_to_hub(self.export_dir, repo_id, private=args.hub_private_repo)
@@ -600,7 +636,7 @@ class REPATrainer:
         """Fail fast if a source cannot be read, build the latent cache once (every process shares the work; later
         runs reuse it), and return its loader (sample order fixed by the seed and the epoch)."""
         args = self.args
-        cache_dir = Path(args.cache_dir) if args.cache_dir else default_cache_dir(args)
+        self.cache_dir = cache_dir = Path(args.cache_dir) if args.cache_dir else default_cache_dir(args)
         have_cache = (cache_dir / CACHE_INFO_FILE).is_file()
         check_sources_reachable(args, need_dataset=not have_cache and image_source is None)
         source = args.dataset if image_source is None else image_source
