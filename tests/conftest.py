@@ -3,12 +3,15 @@
 import importlib.util
 import json
 import os
+import tempfile
 from pathlib import Path
 from types import ModuleType
 
-# Tests never reach the Hub: everything they load is built and saved locally.
+# Tests never reach the Hub: everything they load is built and saved locally. Caches that runs create under HF_HOME
+# (latent caches, the digits encoder and classifier) go to a fresh folder, so a test sees what a fresh clone sees.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="diffusers-repa-tests-hf-home-")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -79,7 +79,9 @@ def main(out: Path) -> None:
         "weights_checksum": sum(weight.double().sum().item() for weight in full_weights(params)),
     }
     (out / f"rank{accelerator.process_index}.json").write_text(json.dumps(result))
-    torch.distributed.destroy_process_group()  # a group left open aborts the process at exit
+    # Both processes done before the group goes: a group left open (or closed under a peer) aborts at exit.
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

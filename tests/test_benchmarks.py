@@ -17,11 +17,11 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from diffusers_repa.encoders import load_encoder, save_tiny_random_encoder
+from diffusers_repa.models.tiny_vae import save_tiny_random_vae
 from diffusers_repa.models.transformer_sit import SiTTransformer2DModel
 from diffusers_repa.pipelines.pipeline_sit import SiTPipeline
 from diffusers_repa.schedulers import SiTSDEScheduler
 from diffusers_repa.training.objectives import REPAFlowObjective
-from diffusers_repa.training.quickstart import save_tiny_random_vae
 from diffusers_repa.training.step import TrainingStep
 
 TINY_SIT = ["--preset", "SiT-S/2", "--depth", "2", "--hidden_size", "64", "--num_attention_heads", "2"]

@@ -143,8 +143,8 @@ def test_namespace_args_are_the_only_extra_type(tmp_path):
 
 
 def test_conversion_cli_writes_a_whole_pipeline(tmp_path):
+    from diffusers_repa.models.tiny_vae import save_tiny_random_vae
     from diffusers_repa.pipelines import SiTPipeline
-    from diffusers_repa.training.quickstart import save_tiny_random_vae
 
     save_tiny_random_vae(tmp_path / "vae")
     output = tmp_path / "pipeline"

@@ -22,6 +22,7 @@ import diffusers_repa.training.hub as hub_module
 from diffusers_repa.data import build_latent_cache, load_latent_cache, make_train_dataloader, synthetic_class_dataset
 from diffusers_repa.encoders import load_encoder, save_tiny_random_encoder
 from diffusers_repa.losses import REPALossOutput, projection_loss
+from diffusers_repa.models.tiny_vae import save_tiny_random_vae
 from diffusers_repa.models.transformer_sit import SiTTransformer2DModel
 from diffusers_repa.pipelines.pipeline_sit import SiTPipeline
 from diffusers_repa.schedulers import SiTSDEScheduler
@@ -34,7 +35,6 @@ from diffusers_repa.training import (
     list_checkpoints,
     resolve_checkpoint,
 )
-from diffusers_repa.training.quickstart import save_tiny_random_vae
 
 from .conftest import reset_accelerate_state
 

@@ -11,6 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from diffusers_repa.encoders import save_tiny_random_encoder
+from diffusers_repa.models.tiny_vae import save_tiny_random_vae
 from diffusers_repa.pipelines.pipeline_sit import SiTPipeline
 from diffusers_repa.training import (
     REPATrainingArguments,
@@ -19,7 +21,6 @@ from diffusers_repa.training import (
     load_config_file,
     parse_training_args,
 )
-from diffusers_repa.training.quickstart import build_quickstart_assets
 
 from .conftest import tiny_sit_pipeline
 
@@ -71,21 +72,29 @@ def test_config_errors_are_clear(tmp_path):
         parse_training_args(["--checkpointing_steps", "0"])
 
 
-def test_quickstart_command_trains_checkpoints_and_exports_a_loadable_pipeline(tmp_path):
+def test_quickstart_command_trains_checkpoints_evaluates_and_exports_a_loadable_pipeline(tmp_path):
     output_dir = tmp_path / "quickstart"
     result = run_script(
         "--config", "training/configs/quickstart.yaml", "--output_dir", str(output_dir), "--max_train_steps", "10",
-        "--checkpointing_steps", "5", "--validation_steps", "10",
+        "--checkpointing_steps", "5", "--validation_steps", "10", "--eval_steps", "5", "--eval_num_samples", "20",
+        "--eval_inference_steps", "2", "--cache_dir", str(tmp_path / "cache"),
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "QUICKSTART smoke configuration" in result.stderr and "RANDOMLY" in result.stderr
+    assert "Encoders: digits-vit" in result.stderr  # the real (pretrained) digits encoder, not a random one
     assert sorted(path.name for path in output_dir.glob("checkpoint-*")) == ["checkpoint-10", "checkpoint-5"]
     assert (output_dir / "samples" / "step-0000010.png").is_file()
-    assert "Smoke test, not a usable model" in (output_dir / "pipeline" / "README.md").read_text()
+    rows = (output_dir / "eval.csv").read_text().splitlines()
+    assert rows[0] == "step,fd_digits,class_accuracy" and [row.split(",")[0] for row in rows[1:]] == ["5", "10"]
+    card = (output_dir / "pipeline" / "README.md").read_text()
+    assert "| class_accuracy |" in card and "![Evaluation during training](eval.png)" in card
+    assert (output_dir / "pipeline" / "eval.png").is_file()
+    assert result.stdout.splitlines()[-1] == f"Done. Final weights: {output_dir / 'pipeline'}"
+    assert "class_accuracy" in result.stdout.splitlines()[-2]
 
     pipe = SiTPipeline.from_pretrained(output_dir / "pipeline")
-    images = pipe(class_labels=[0, 9], num_inference_steps=3, generator=torch.Generator().manual_seed(0)).images
-    assert [image.size for image in images] == [(64, 64), (64, 64)]
+    assert pipe.vae is None  # pixel space
+    images = pipe(class_labels=["0", 9], num_inference_steps=3, generator=torch.Generator().manual_seed(0)).images
+    assert [image.size for image in images] == [(16, 16), (16, 16)]
 
 
 def test_model_flags_are_checked_before_any_data_or_model_is_loaded(tmp_path):
@@ -173,8 +182,10 @@ def test_a_second_run_on_a_busy_output_dir_refuses_in_one_line(tmp_path):
 @pytest.fixture(scope="module")
 def tiny_sources(tmp_path_factory) -> dict[str, str]:
     """A tiny local VAE (8x) and encoder (16 px per token): flags that pass the source checks offline."""
-    assets = build_quickstart_assets(tmp_path_factory.mktemp("assets"), resolution=64, samples_per_class=1)
-    return {"vae": str(assets.vae), "encoder": str(assets.encoder), "resolution": 64}
+    folder = tmp_path_factory.mktemp("assets")
+    vae = save_tiny_random_vae(folder / "tiny-random-vae")
+    encoder = save_tiny_random_encoder("dinov2", folder / "tiny-random-dinov2")
+    return {"vae": str(vae), "encoder": str(encoder), "resolution": 64}
 
 
 @pytest.mark.parametrize(
@@ -217,24 +228,26 @@ def test_a_pretrained_model_must_fit_the_latents_and_have_a_null_class(tiny_sour
 
 
 def test_a_misfit_quickstart_stops_before_building_its_latent_cache(tmp_path):
-    output_dir = tmp_path / "quickstart"
+    output_dir, cache = tmp_path / "quickstart", tmp_path / "cache"
     result = run_script(
-        "--config", "training/configs/quickstart.yaml", "--output_dir", str(output_dir), "--model", "SiT-S/4"
-    )
+        "--config", "training/configs/quickstart.yaml", "--output_dir", str(output_dir), "--model", "SiT-S/2",
+        "--cache_dir", str(cache),
+    )  # fmt: skip
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert last_line(result).startswith("train_repa.py: error: The encoder '")
-    assert "4×4 token grid at --resolution 64, but --model SiT-S/4 sees a 2×2 grid" in last_line(result)
-    assert not (output_dir / "quickstart_assets" / "latent_cache").exists()
+    assert last_line(result).startswith("train_repa.py: error: The encoder 'digits-vit'")
+    assert "4×4 token grid at --resolution 16, but --model SiT-S/2 sees a 8×8 grid" in last_line(result)
+    assert not cache.exists()
 
 
 @pytest.mark.slow
-def test_full_quickstart_from_the_readme(tmp_path):
+def test_full_quickstart_from_the_readme_draws_the_digits_it_is_asked_for(tmp_path):
     output_dir = tmp_path / "sit-repa-quickstart"
     result = run_script("--config", "training/configs/quickstart.yaml", "--output_dir", str(output_dir))
     assert result.returncode == 0, result.stderr[-3000:]
-    assert sorted(path.name for path in output_dir.glob("checkpoint-*")) == ["checkpoint-150", "checkpoint-300"]
-    pipe = SiTPipeline.from_pretrained(output_dir / "pipeline")
-    assert len(pipe(class_labels=[1], num_inference_steps=5).images) == 1
+    assert sorted(path.name for path in output_dir.glob("checkpoint-*")) == ["checkpoint-1500", "checkpoint-2000"]
+    final = (output_dir / "eval.csv").read_text().splitlines()[-1].split(",")
+    assert final[0] == "2000" and float(final[2]) >= 0.9  # 100 samples, 10 per digit, independent classifier
+    assert f"class_accuracy {float(final[2]):.4g}" in result.stdout.splitlines()[-2]  # the run's last lines say it
 
 
 def test_two_process_run_resumes_like_an_uninterrupted_one(tmp_path):
@@ -248,15 +261,18 @@ def test_two_process_run_resumes_like_an_uninterrupted_one(tmp_path):
         "4",
         "--validation_steps",
         "100",
+        "--eval_num_samples",
+        "20",
+        "--eval_inference_steps",
+        "2",
     ]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     result = run_script(*common, "--output_dir", str(straight), "--max_train_steps", "8", env=env, launcher=launcher)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "16 per device × 2 processes" in result.stderr
+    assert "32 per device × 2 processes" in result.stderr
 
     resumed.mkdir()
     shutil.copytree(straight / "checkpoint-4", resumed / "checkpoint-4")
-    shutil.copytree(straight / "quickstart_assets", resumed / "quickstart_assets")
     result = run_script(
         *common, "--output_dir", str(resumed), "--max_train_steps", "8", "--resume_from_checkpoint", "latest",
         env=env, launcher=launcher,

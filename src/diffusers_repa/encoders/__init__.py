@@ -5,12 +5,13 @@ encoder on scikit-learn's digits in seconds, a real target for offline pixel-spa
 """
 
 from .families import FAMILIES, MODEL_TYPE_TO_FAMILY, EncoderFamily, resample_position_embeddings
-from .registry import ENCODER_ALIASES, TOKEN_STRIDE, TOKEN_STRIDE_CONFIG_KEY, EncoderSpec
+from .registry import DIGITS_ENCODER_NAME, ENCODER_ALIASES, TOKEN_STRIDE, TOKEN_STRIDE_CONFIG_KEY, EncoderSpec
 from .tiny import save_tiny_random_encoder
 from .tokens import check_token_grid, interpolate_tokens
-from .vision_encoder import FrozenVisionEncoder, load_encoder, load_encoders
+from .vision_encoder import FrozenVisionEncoder, builtin_encoder_folder, load_encoder, load_encoders
 
 __all__ = [
+    "DIGITS_ENCODER_NAME",
     "ENCODER_ALIASES",
     "FAMILIES",
     "MODEL_TYPE_TO_FAMILY",
@@ -19,6 +20,7 @@ __all__ = [
     "EncoderFamily",
     "EncoderSpec",
     "FrozenVisionEncoder",
+    "builtin_encoder_folder",
     "check_token_grid",
     "interpolate_tokens",
     "load_encoder",

@@ -37,7 +37,7 @@ from ..data.preprocessing import center_crop_imagenet
 from ..evaluation.alignment import linear_probe_accuracy
 from .families import FAMILIES
 from .folders import write_folder_atomically
-from .registry import TOKEN_STRIDE_CONFIG_KEY
+from .registry import DIGITS_ENCODER_NAME, TOKEN_STRIDE_CONFIG_KEY
 
 # Bump when the recipe changes in a way the settings below do not capture: cached encoders are then not reused.
 DIGITS_ENCODER_VERSION = 1
@@ -197,6 +197,13 @@ def _train(settings: dict[str, Any]) -> tuple[Dinov2Model, dict[str, Any]]:
         "num_parameters": sum(parameter.numel() for parameter in model.parameters()),
     }
     return model, results
+
+
+def default_digits_encoder_dir() -> Path:
+    """Where the built-in `digits-vit` encoder lives: `<HF_HOME>/diffusers_repa/encoders/digits-vit`."""
+    from huggingface_hub.constants import HF_HOME
+
+    return Path(HF_HOME) / "diffusers_repa" / "encoders" / DIGITS_ENCODER_NAME
 
 
 def read_digits_encoder_record(folder: str | os.PathLike) -> dict[str, Any] | None:

@@ -63,6 +63,12 @@ ENCODER_ALIASES: dict[str, EncoderSpec] = {
 }
 
 
+# A built-in encoder: `load_encoder("digits-vit")` pretrains it on scikit-learn's digits on first use (seconds, offline)
+# and reuses the folder after; see `diffusers_repa.encoders.digits`.
+DIGITS_ENCODER_NAME = "digits-vit"
+
+
 def supported_encoders_text() -> str:
     """One line per alias (`name → hub id, D=…`), for error messages."""
-    return "\n".join(f"  {name} → {spec.hub_id} (D={spec.embed_dim})" for name, spec in ENCODER_ALIASES.items())
+    lines = [f"  {name} → {spec.hub_id} (D={spec.embed_dim})" for name, spec in ENCODER_ALIASES.items()]
+    return "\n".join([*lines, f"  {DIGITS_ENCODER_NAME} → built in, pretrained on scikit-learn's digits (D=64)"])

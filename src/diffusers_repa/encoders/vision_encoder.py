@@ -11,7 +11,13 @@ from torch import nn
 from transformers import AutoConfig, PreTrainedModel
 
 from .families import FAMILIES, MODEL_TYPE_TO_FAMILY, EncoderFamily
-from .registry import ENCODER_ALIASES, TOKEN_STRIDE, TOKEN_STRIDE_CONFIG_KEY, supported_encoders_text
+from .registry import (
+    DIGITS_ENCODER_NAME,
+    ENCODER_ALIASES,
+    TOKEN_STRIDE,
+    TOKEN_STRIDE_CONFIG_KEY,
+    supported_encoders_text,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -111,10 +117,24 @@ def _unknown_name_error(name: str, reason: str) -> ValueError:
     )
 
 
+def builtin_encoder_folder(name: str) -> str | None:
+    """The local folder of a built-in encoder name (`digits-vit`: pretrained on scikit-learn's digits in seconds the
+    first time, reused after), or None for any other name."""
+    if name.strip().lower() != DIGITS_ENCODER_NAME:
+        return None
+    from .digits import default_digits_encoder_dir, pretrain_digits_encoder  # scikit-learn, only when asked for
+
+    return str(pretrain_digits_encoder(default_digits_encoder_dir()))
+
+
 def _resolve(name_or_path: str, revision: str | None, cache_dir: str | None) -> _ResolvedEncoder:
     spec = ENCODER_ALIASES.get(name_or_path.lower())
     if spec is not None:
         return _ResolvedEncoder(name_or_path.lower(), spec.hub_id, FAMILIES[spec.family], TOKEN_STRIDE)
+    builtin = builtin_encoder_folder(name_or_path)
+    if builtin is not None:
+        resolved = _resolve(builtin, revision, cache_dir)
+        return _ResolvedEncoder(name_or_path.lower(), resolved.source, resolved.family, resolved.token_stride)
     if "/" not in name_or_path and not os.path.isdir(name_or_path):
         raise _unknown_name_error(name_or_path, "not a supported name, Hub id or local folder")
     try:
@@ -147,8 +167,9 @@ def load_encoder(
 
     Args:
         name_or_path: a REPA-style name (`dinov2-vit-b`, `dinov2reg-vit-l`, `clip-vit-L`, `mae-vit-l`, `jepa-vit-h`,
-            `dinov3-vit-b`, `siglip2-vit-b`, …; see `ENCODER_ALIASES`), a Hub id, or a local folder holding a
-            transformers checkpoint of a supported family. Hub ids load from the cache when `HF_HUB_OFFLINE=1`.
+            `dinov3-vit-b`, `siglip2-vit-b`, …; see `ENCODER_ALIASES`), `digits-vit` (built in: pretrained on the
+            digits on first use, 16 tokens at 16 px), a Hub id, or a local folder holding a transformers checkpoint
+            of a supported family. Hub ids load from the cache when `HF_HUB_OFFLINE=1`.
             Remote code is never run.
         resolution: side R of the (square, uint8) training images; a multiple of the token stride s (16, or what
             the checkpoint declares in its config field `repa_token_stride`). The encoder yields (R/s)² tokens: its

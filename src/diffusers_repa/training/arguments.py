@@ -36,13 +36,6 @@ class REPATrainingArguments:
         default=None, metadata=_help("YAML file of argument values (training/configs/*.yaml); flags override it.")
     )
     seed: int = field(default=0, metadata=_help("Seed of weights, data order, noise and label dropout."))
-    quickstart: bool = field(
-        default=False,
-        metadata=_help(
-            "Smoke run: build a synthetic dataset, a tiny RANDOM VAE and a tiny RANDOM encoder locally instead of "
-            "--dataset/--vae/--encoder. Offline and fast; learns nothing useful."
-        ),
-    )
     report_to: str = field(default="tensorboard", metadata=_help("'tensorboard', 'wandb', 'all' or 'none'."))
     tracker_project_name: str = field(default="repa", metadata=_help("Project name for the trackers."))
     logging_dir: str = field(default="logs", metadata=_help("Tracker folder, relative to --output_dir."))

@@ -15,6 +15,7 @@ import torch
 from diffusers.utils import make_image_grid
 
 from ..pipelines.pipeline_sit import SiTPipeline
+from .hub import remove_local_paths
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 SAMPLE_GRID_NAME = "samples.png"
@@ -67,7 +68,8 @@ def write_export(
     Full training writes the whole `SiTPipeline` (loadable with `SiTPipeline.from_pretrained`); LoRA writes only the
     adapter (`pytorch_lora_weights.safetensors`, for `pipe.load_lora_weights` on the base pipeline). Next to it: the
     sample grid, the model card (a `huggingface_hub.ModelCard`), `trainer_state.json` (the step) and `extra_files`
-    (name in the export → file to copy, e.g. training curves).
+    (name in the export → file to copy, e.g. training curves). Absolute local paths in its configs are reduced to
+    their last component, so the folder is what `push_to_hub` publishes.
     """
     export_dir = Path(export_dir)
     staging = export_dir.with_name(export_dir.name + ".tmp")
@@ -80,6 +82,7 @@ def write_export(
     for name, source in (extra_files or {}).items():
         shutil.copyfile(source, staging / name)
     card.save(staging / "README.md")
+    remove_local_paths(staging)  # e.g. the VAE's `_name_or_path`: the export is what gets published
     (staging / EXPORT_STATE_NAME).write_text(json.dumps({"global_step": global_step}))
     shutil.rmtree(export_dir, ignore_errors=True)
     staging.replace(export_dir)

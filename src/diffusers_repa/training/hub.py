@@ -98,7 +98,7 @@ def render_model_card(
     num_steps: int,
     sample_grid: SampleGridInfo | None = None,
     metrics: dict[str, float] | None = None,
-    smoke_notice: str | None = None,
+    eval_curves: str | None = None,
     template_path: str | os.PathLike = DEFAULT_MODEL_CARD_TEMPLATE,
 ) -> ModelCard:
     """Fill `model_cards/sit_repa.md` for a finished run.
@@ -112,7 +112,7 @@ def render_model_card(
         num_steps: optimizer steps done.
         sample_grid: the grid saved next to the card, if any.
         metrics: evaluation results to list (e.g. ``{"FID-50K": 1.8}``), if any.
-        smoke_notice: a warning shown at the top (quickstart runs: random VAE/encoder, synthetic data).
+        eval_curves: file name of the evaluation curves saved next to the card (`--eval_steps`), if any.
     """
     template_path = Path(template_path)
     if not template_path.is_file():
@@ -122,8 +122,8 @@ def render_model_card(
     tags = ["diffusers", "sit", "repa", "class-conditional", "image-generation"] + (["lora"] if is_lora else [])
     card_data = ModelCardData(
         library_name="diffusers",
-        tags=tags + (["smoke-test"] if smoke_notice else []),
-        datasets=None if smoke_notice else _hub_dataset_ids(args.dataset),
+        tags=tags,
+        datasets=_hub_dataset_ids(args.dataset),
         base_model=args.pretrained_model if is_lora and base_model_on_hub else None,
     )
     settings = dataclasses.asdict(args)
@@ -138,7 +138,6 @@ def render_model_card(
         template_path=str(template_path),
         model_name=repo_id.rstrip("/").split("/")[-1],
         repo_id=repo_id,
-        smoke_notice=smoke_notice,
         is_lora=is_lora,
         lora_rank=args.lora_rank,
         base_model=_card_value(args.pretrained_model),
@@ -156,7 +155,8 @@ def render_model_card(
         sample_sampler=sample_grid.sampler.upper() if sample_grid else None,
         sample_steps=sample_grid.num_inference_steps if sample_grid else None,
         sample_guidance=sample_grid.guidance_scale if sample_grid else None,
-        metrics=metrics,
+        metrics={name: f"{value:.4g}" for name, value in (metrics or {}).items()},
+        eval_curves=eval_curves,
         training_config=training_config,
     )
 

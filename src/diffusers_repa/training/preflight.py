@@ -16,8 +16,14 @@ from huggingface_hub import get_session
 from transformers import AutoConfig
 
 from ..cli import UserError
-from ..data import is_pixel_space_vae, load_image_source
-from ..encoders import ENCODER_ALIASES, TOKEN_STRIDE, TOKEN_STRIDE_CONFIG_KEY
+from ..data import DIGITS_DATASET, is_pixel_space_vae, load_image_source
+from ..encoders import (
+    DIGITS_ENCODER_NAME,
+    ENCODER_ALIASES,
+    TOKEN_STRIDE,
+    TOKEN_STRIDE_CONFIG_KEY,
+    builtin_encoder_folder,
+)
 from ..models.transformer_sit import SiTTransformer2DModel, parse_sit_preset
 from .arguments import REPATrainingArguments
 
@@ -48,7 +54,8 @@ def _first_line(error: BaseException) -> str:
 
 
 def _is_local(name: str) -> bool:
-    return Path(name).expanduser().exists()
+    """A local folder or file, or a built-in source (the digits, the digits encoder) that needs no Hub."""
+    return name in (DIGITS_DATASET, DIGITS_ENCODER_NAME) or Path(name).expanduser().exists()
 
 
 def _hub_unreachable_reason() -> str | None:
@@ -106,7 +113,7 @@ def _read_sources(args: REPATrainingArguments, need_dataset: bool) -> _SourceRep
             report.problems.append((f"the VAE '{args.vae}'", _first_line(error)))
     for name in args.encoder_names if args.proj_coeff > 0 else []:
         spec = ENCODER_ALIASES.get(name.lower())
-        source = spec.hub_id if spec is not None else name
+        source = spec.hub_id if spec is not None else builtin_encoder_folder(name) or name
         try:
             config = AutoConfig.from_pretrained(source)
         except Exception as error:

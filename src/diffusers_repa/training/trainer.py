@@ -68,7 +68,6 @@ from .model_setup import build_model, build_optimizer, resolve_encoder_depth
 from .objectives import REPAFlowObjective
 from .periodic_eval import EVAL_PLOT_NAME, PeriodicEvaluation
 from .preflight import check_sources_reachable, default_cache_dir
-from .quickstart import QUICKSTART_NOTICE, build_quickstart_assets
 from .run_lock import acquire_run_lock
 from .run_settings import check_resume_settings, result_settings
 from .step import NonFiniteLossError, TrainingStep
@@ -141,9 +140,6 @@ class REPATrainer:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
 
-        self.smoke_notice = None
-        if args.quickstart:
-            args, image_source = self._use_quickstart_assets(args)
         self.args = args = dataclasses.replace(args, encoder_depth=resolve_encoder_depth(args))
         self.per_device_batch_size = self._per_device_batch_size()
         self.global_batch_size = (
@@ -598,11 +594,13 @@ class REPATrainer:
             )  # fmt: skip
             repo_id = args.hub_model_id or self.output_dir.resolve().name
             metrics = {**self.eval_metrics, **(metrics or {})}
-            card = render_model_card(args, repo_id, self.global_step, grid_info, metrics, self.smoke_notice)
-            curves = self.output_dir / EVAL_PLOT_NAME
+            curves = self.output_dir / EVAL_PLOT_NAME if self.evaluation is not None else None
+            card = render_model_card(
+                args, repo_id, self.global_step, grid_info, metrics, eval_curves=curves.name if curves else None
+            )
             write_export(
                 self.export_dir, pipeline, lora=args.use_lora, grid=grid, card=card, global_step=self.global_step,
-                extra_files={EVAL_PLOT_NAME: curves} if self.evaluation is not None and curves.is_file() else None,
+                extra_files={curves.name: curves} if curves else None,
             )  # fmt: skip
             logger.info(f"Saved the final EMA weights to {self.export_dir}.")
             if args.push_to_hub:
@@ -612,25 +610,6 @@ class REPATrainer:
         return self.export_dir
 
     # ----------------------------------------------------------------------------------------------- construction
-
-    def _use_quickstart_assets(self, args: REPATrainingArguments) -> tuple[REPATrainingArguments, datasets.Dataset]:
-        """Swap dataset, VAE and encoder for the locally built smoke-test ones (see `quickstart.py`)."""
-        assets_dir = Path(args.output_dir) / "quickstart_assets"
-        with self.accelerator.main_process_first():
-            assets = build_quickstart_assets(assets_dir, args.resolution, seed=args.seed)
-        self.smoke_notice = QUICKSTART_NOTICE
-        logger.warning(QUICKSTART_NOTICE, main_process_only=True)
-        if self.accelerator.device.type == "cpu":
-            # Its ops are tiny: a second CPU thread buys nothing and stalls (10× slower) when the cores are busy.
-            torch.set_num_threads(1)
-        args = dataclasses.replace(
-            args,
-            dataset="synthetic-shapes",
-            vae=str(assets.vae),
-            encoder=str(assets.encoder),
-            cache_dir=args.cache_dir or str(assets_dir / "latent_cache"),
-        )
-        return args, assets.dataset
 
     def _cache_loader(self, image_source: datasets.Dataset | None) -> torch.utils.data.DataLoader:
         """Fail fast if a source cannot be read, build the latent cache once (every process shares the work; later
