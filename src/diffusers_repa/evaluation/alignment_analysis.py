@@ -4,6 +4,7 @@ Protocol (the per-block analysis of the kind the REPA paper plots):
 
 1. clean images (uint8, N×3×R×R) → VAE posterior mean → latents ``z = (mean − shift)·scaling_factor`` (or the
    ``latents_mean``/``latents_std`` normalisation when the VAE config has it, the inverse of the pipeline's decode);
+   a pixel-space model (no VAE) takes the images themselves, ``z = image / 127.5 − 1``;
 2. ``x_t = α_t z + σ_t ε`` at one time ``t`` (t = 0 data, t = 1 noise) with seeded ε, on the model's interpolant path;
 3. the transformer runs on ``x_t`` with the **null class** (no label information leaks into the features) and returns
    every block's output (N, T, D);
@@ -69,7 +70,7 @@ def collect_features(
 
     Args:
         transformer: a [`SiTTransformer2DModel`] (``output_hidden_states=True`` support).
-        vae: the autoencoder of the transformer's latent space.
+        vae: the autoencoder of the transformer's latent space (None for a pixel-space model).
         encoder: uint8 (N, 3, R, R) → (N, T', D') (e.g. [`~diffusers_repa.encoders.load_encoder`]).
         images: uint8 images: ``.npz`` (``arr_0``), folder, or (N, R, R, 3) array.
         t: noise level of the transformer input, in [0, 1] (t = 0 clean).
@@ -82,7 +83,8 @@ def collect_features(
         raise ValueError(f"t must be in [0, 1] (t = 0 data, t = 1 noise), got {t}.")
     device = torch.device(device) if device is not None else transformer.device
     transformer.eval().to(device)
-    vae.eval().to(device)
+    if vae is not None:
+        vae.eval().to(device)
     encoder.eval().to(device)
     generator = torch.Generator().manual_seed(seed)
     null_class = transformer.config.num_classes
@@ -90,7 +92,8 @@ def collect_features(
     targets: list[torch.Tensor] = []
     for batch in open_image_set(images).iter_batches(batch_size):
         pixels_uint8 = torch.from_numpy(batch).permute(0, 3, 1, 2).to(device)
-        latents = _encode_latents(vae, pixels_uint8.float() / 127.5 - 1.0)
+        pixels = pixels_uint8.float() / 127.5 - 1.0
+        latents = pixels if vae is None else _encode_latents(vae, pixels)
         noise = torch.randn(latents.shape, generator=generator).to(latents)
         time = torch.full((len(latents),), float(t), device=device)
         noisy, _ = interpolate(latents, noise, time, path_type)

@@ -20,6 +20,7 @@ from .hub import remove_local_paths
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 SAMPLE_GRID_NAME = "samples.png"
 EXPORT_STATE_NAME = "trainer_state.json"
+MIN_GRID_IMAGE_SIDE = 64  # pixels per image in a sample grid, at least
 
 
 @torch.no_grad()
@@ -33,7 +34,7 @@ def sample_grid(
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
 ) -> PIL.Image.Image:
     """Images of `pipeline` for `labels` from the fixed initial `noise` (N, C, h, w), as one grid (rows × cols as
-    square as the count allows)."""
+    square as the count allows; images under 64 px enlarged by an integer factor, nearest neighbour)."""
     pipeline.set_progress_bar_config(disable=True)
     with autocast():
         images = pipeline(
@@ -43,6 +44,9 @@ def sample_grid(
             latents=noise,
             generator=torch.Generator(pipeline.device).manual_seed(seed),
         ).images
+    if images[0].width < MIN_GRID_IMAGE_SIDE:  # tiny images (e.g. 16-px digits): enlarged, pixels kept sharp
+        factor = math.ceil(MIN_GRID_IMAGE_SIDE / images[0].width)
+        images = [image.resize((image.width * factor, image.height * factor), PIL.Image.NEAREST) for image in images]
     rows = max(d for d in range(1, math.isqrt(len(images)) + 1) if len(images) % d == 0)
     return make_image_grid(images, rows=rows, cols=len(images) // rows)
 
