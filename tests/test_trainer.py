@@ -9,6 +9,7 @@ import copy
 import dataclasses
 import json
 import os
+import shutil
 import signal
 from pathlib import Path
 
@@ -560,3 +561,68 @@ def test_broken_checkpoint_files_are_errors_that_name_the_file(assets, tmp_path)
         resume()
     state_file.write_text(json.dumps(state))
     assert resume().global_step == 1
+
+
+# ------------------------------------------------------------------------------------- pixel space and evaluation
+
+
+@pytest.fixture(scope="module")
+def pixel_cache(tmp_path_factory) -> Path:
+    """The synthetic images as a pixel-space cache (no VAE): crops and labels only."""
+    images = synthetic_class_dataset(num_classes=4, samples_per_class=4, resolution=RESOLUTION)
+    return build_latent_cache(images, tmp_path_factory.mktemp("pixels"), None, RESOLUTION, show_progress=False)
+
+
+def pixel_settings(pixel_cache: Path, **overrides) -> dict:
+    """`tiny_args` overrides for pixel space: 32-px RGB inputs with patch 8, a 4×4 token grid (the tiny encoder's
+    2×2 grid is resampled to it)."""
+    values = {"cache_dir": str(pixel_cache), "vae": "none", "model": "SiT-S/8", "interpolate_targets": True}
+    return {**values, **overrides}
+
+
+def test_pixel_space_trains_on_the_crops_and_resumes_exactly(assets, pixel_cache, tmp_path):
+    straight = trained(assets, tmp_path / "straight", **pixel_settings(pixel_cache, max_train_steps=4))
+    assert straight.vae is None and straight.unwrapped_model.config.in_channels == 3
+    batch = next(iter(make_train_dataloader(load_latent_cache(pixel_cache), 4)))
+    assert set(batch) == {"image", "label"}  # no VAE moments in a pixel cache
+    torch.testing.assert_close(straight.objective.clean_inputs(batch, None), batch["image"].float() / 127.5 - 1)
+
+    trained(assets, tmp_path / "resumed", **pixel_settings(pixel_cache, max_train_steps=2))
+    resumed = trained(
+        assets, tmp_path / "resumed",
+        **pixel_settings(pixel_cache, max_train_steps=4, resume_from_checkpoint="latest"),
+    )  # fmt: skip
+    assert_same_tensors(parameters(resumed.unwrapped_model), parameters(straight.unwrapped_model), rtol=0, atol=0)
+    assert_same_tensors(parameters(resumed.ema_model), parameters(straight.ema_model), rtol=0, atol=0)
+    pipe = SiTPipeline.from_pretrained(tmp_path / "resumed" / "pipeline")
+    images = pipe(class_labels=[0, 3], num_inference_steps=2, output_type="np").images
+    assert (
+        pipe.vae is None and images.shape == (2, RESOLUTION, RESOLUTION, 3) and 0 <= images.min() <= images.max() <= 1
+    )
+
+
+def test_evaluation_during_training_is_deterministic_and_resumes_without_repeating_or_skipping(
+    assets, pixel_cache, tmp_path
+):
+    settings = {"max_train_steps": 4, "eval_steps": 2, "eval_metric": "digits", "eval_num_samples": 8}
+    settings |= {"eval_inference_steps": 2, "checkpointing_steps": 2, "eval_num_reference": 12}
+    straight = trained(assets, tmp_path / "straight", **pixel_settings(pixel_cache, **settings))
+    expected = (tmp_path / "straight" / "eval.csv").read_text()
+    assert expected.splitlines()[0] == "step,fd_digits,class_accuracy"
+    assert [line.split(",")[0] for line in expected.splitlines()[1:]] == ["2", "4"]
+    assert straight.eval_metrics.keys() == {"fd_digits", "class_accuracy"}
+    assert (tmp_path / "straight" / "eval.png").is_file() and (
+        tmp_path / "straight" / "pipeline" / "eval.png"
+    ).is_file()
+    assert "| fd_digits |" in (tmp_path / "straight" / "pipeline" / "README.md").read_text()
+
+    # A run killed after evaluating step 4 but before its checkpoint: it resumes at step 2 and evaluates step 4 again,
+    # in place of the row the killed run wrote.
+    output_dir = tmp_path / "killed"
+    trained(assets, output_dir, **pixel_settings(pixel_cache, **settings))
+    shutil.rmtree(output_dir / "checkpoint-4")
+    shutil.rmtree(output_dir / "pipeline")
+    resume = {**settings, "resume_from_checkpoint": "latest"}
+    resumed = trained(assets, output_dir, **pixel_settings(pixel_cache, **resume))
+    assert resumed.global_step == 4
+    assert (output_dir / "eval.csv").read_text() == expected  # same rows, same numbers, each step once
