@@ -38,6 +38,15 @@ def _fresh_accelerate_state():
     reset_accelerate_state()
 
 
+@pytest.fixture(scope="module")
+def single_thread():
+    """One intra-op thread for a module of tiny models: on a shared 2-core machine more threads only contend."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def load_reference(name: str) -> dict[str, torch.Tensor]:
     """Tensors of one reference file, e.g. ``load_reference("forward")`` for ``sit_tiny/forward.safetensors``."""
     return load_file(str(SIT_TINY / f"{name}.safetensors"))

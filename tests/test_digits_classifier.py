@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.numpy import load_file, save_file
 
+from diffusers_repa.data import split_digits
 from diffusers_repa.data.digits import load_digits_arrays
 from diffusers_repa.data.preprocessing import center_crop_imagenet
 from diffusers_repa.evaluation import digits as digits_module
@@ -17,7 +18,6 @@ from diffusers_repa.evaluation.digits import (
     digit_classifier_settings,
     digits_to_classifier_input,
     load_or_train_digit_classifier,
-    split_digits,
     train_digit_classifier,
 )
 
@@ -35,7 +35,7 @@ def classifier(cache_dir) -> DigitClassifier:
 @pytest.fixture(scope="module")
 def held_out():
     images, labels = load_digits_arrays()
-    _, held_out = split_digits(labels)
+    _, held_out = split_digits(labels, digit_classifier_settings()["held_out_fraction"])
     return images[held_out], labels[held_out]
 
 

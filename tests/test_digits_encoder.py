@@ -7,7 +7,6 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from sklearn.model_selection import train_test_split
 
 from diffusers_repa.data.digits import load_digits_arrays
 from diffusers_repa.data.preprocessing import center_crop_imagenet
@@ -15,23 +14,17 @@ from diffusers_repa.encoders import check_token_grid, load_encoder
 from diffusers_repa.encoders import digits as digits_module
 from diffusers_repa.encoders.digits import (
     DIGITS_PRETRAINING_FILE,
+    held_out_split,
     pretrain_digits_encoder,
     read_digits_encoder_record,
 )
 from diffusers_repa.evaluation.alignment import linear_probe_accuracy
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    # Tiny models on a shared 2-core machine: intra-op threads only contend with each other.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")
-def encoder_folder(tmp_path_factory, _single_thread):
+def encoder_folder(tmp_path_factory, single_thread):
     return pretrain_digits_encoder(tmp_path_factory.mktemp("digits") / "encoder")
 
 
@@ -79,15 +72,7 @@ def test_patch_tokens_carry_the_digit(encoder_folder, digit_crops):
     crops, labels = digit_crops
     record = read_digits_encoder_record(encoder_folder)
     settings, results = record["settings"], record["results"]
-    train, held_out = (
-        torch.from_numpy(np.sort(indices))
-        for indices in train_test_split(
-            np.arange(len(labels)),
-            test_size=settings["held_out_fraction"],
-            stratify=labels.numpy(),
-            random_state=settings["seed"],
-        )
-    )
+    train, held_out = held_out_split(labels, settings)
     pooled = load_encoder(encoder_folder, resolution=16)(crops).mean(dim=1)
     accuracy = linear_probe_accuracy(pooled[train], labels[train], pooled[held_out], labels[held_out], seed=0)
     assert accuracy == pytest.approx(results["probe_accuracy"], abs=1e-4)

@@ -19,6 +19,7 @@ from safetensors.torch import save_file
 
 from diffusers_repa.conversion import convert_repa_checkpoint
 from diffusers_repa.models import SiTTransformer2DModel
+from diffusers_repa.models.tiny_vae import tiny_random_vae
 from diffusers_repa.pipelines import SiTPipeline, imagenet_id2label
 from diffusers_repa.schedulers import SiTODEScheduler, SiTSDEScheduler
 
@@ -27,32 +28,11 @@ from .conftest import SIT_TINY, load_reference, load_script
 SAMPLER_FIXTURES = sorted(path.stem for path in SIT_TINY.glob("sampler_*.safetensors"))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    # These models are tiny: on a shared 2-core machine, intra-op threads only contend with each other.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def tiny_sit():
     return convert_repa_checkpoint(SIT_TINY / "official_state_dict.safetensors", num_heads=4, encoder_depth=2).eval()
-
-
-def tiny_vae():
-    """Downsamples ×8: the 8×8 latents of the tiny SiT decode to 64×64 images."""
-    torch.manual_seed(0)
-    return AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(8, 8, 8, 8),
-        latent_channels=4,
-        norm_num_groups=8,
-        layers_per_block=1,
-    ).eval()
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +50,9 @@ def make_pipeline(transformer, scheduler=None, vae=None, id2label=None) -> SiTPi
 def saved_pipeline(tmp_path_factory):
     """A complete pipeline (tiny SiT, tiny VAE, Heun scheduler, ImageNet names) saved to a folder."""
     folder = tmp_path_factory.mktemp("pipeline")
-    make_pipeline(tiny_sit(), SiTODEScheduler(solver="heun"), tiny_vae(), imagenet_id2label()).save_pretrained(folder)
+    make_pipeline(tiny_sit(), SiTODEScheduler(solver="heun"), tiny_random_vae(), imagenet_id2label()).save_pretrained(
+        folder
+    )
     return folder
 
 
@@ -161,7 +143,7 @@ def test_save_load_round_trip_and_output_types(saved_pipeline):
     assert isinstance(pipe.scheduler, SiTODEScheduler) and pipe.scheduler.config.solver == "heun"
     assert pipe.get_label_ids(["golden retriever"]) == [207]
 
-    original = make_pipeline(tiny_sit(), SiTODEScheduler(solver="heun"), tiny_vae(), imagenet_id2label())
+    original = make_pipeline(tiny_sit(), SiTODEScheduler(solver="heun"), tiny_random_vae(), imagenet_id2label())
     kwargs = {"class_labels": [207, 3], "num_inference_steps": 2, "guidance_scale": 1.5}
     expected = original(**kwargs, generator=torch.Generator().manual_seed(0), output_type="pt").images
     outputs = {
@@ -194,7 +176,7 @@ def test_save_load_round_trip_and_output_types(saved_pipeline):
     ],
 )
 def test_decoding_inverts_the_latent_normalisation(transformer, vae_config, to_vae_latents):
-    vae = tiny_vae()
+    vae = tiny_random_vae()
     vae.register_to_config(**vae_config)
     pipe = make_pipeline(transformer, vae=vae)
     latents = pipe([1], 2, generator=torch.Generator().manual_seed(0), output_type="latent").images

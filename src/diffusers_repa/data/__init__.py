@@ -5,7 +5,7 @@ crop only; sharded Arrow files) -> ``load_latent_cache`` -> ``make_train_dataloa
 label per sample). ``"digits"`` (scikit-learn's 8×8 digits) is a built-in real source for small offline runs.
 """
 
-from .digits import DIGITS_CLASS_NAMES, DIGITS_DATASET, digits_dataset, load_digits_arrays
+from .digits import DIGITS_CLASS_NAMES, DIGITS_DATASET, digits_dataset, load_digits_arrays, split_digits
 from .latent_cache import (
     CACHE_INFO_FILE,
     DEFAULT_VAE,
@@ -49,6 +49,7 @@ __all__ = [
     "make_train_dataloader",
     "push_latent_cache_to_hub",
     "read_cache_info",
+    "split_digits",
     "synthetic_class_dataset",
     "to_rgb",
 ]

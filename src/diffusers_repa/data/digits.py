@@ -15,7 +15,14 @@ import datasets
 import numpy as np
 import PIL.Image
 
-__all__ = ["DIGITS_CLASS_NAMES", "DIGITS_DATASET", "digits_dataset", "digits_fingerprint", "load_digits_arrays"]
+__all__ = [
+    "DIGITS_CLASS_NAMES",
+    "DIGITS_DATASET",
+    "digits_dataset",
+    "digits_fingerprint",
+    "load_digits_arrays",
+    "split_digits",
+]
 
 DIGITS_DATASET = "digits"
 """The name that :func:`~diffusers_repa.data.load_image_source` (and ``--dataset``) resolves to this dataset."""
@@ -66,3 +73,13 @@ def digits_fingerprint() -> str:
     images, labels = load_digits_arrays()
     digest = hashlib.sha256(images.tobytes() + labels.tobytes()).hexdigest()
     return f"sklearn-{sklearn.__version__}-{digest}"
+
+
+def split_digits(labels: np.ndarray, held_out_fraction: float = 0.2, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (into the digits) of a training part and a held-out part, stratified by ``labels`` (1797,) with
+    ``seed``: the split the digits encoder and the evaluation classifier each measure themselves on."""
+    from sklearn.model_selection import train_test_split
+
+    return tuple(
+        train_test_split(np.arange(len(labels)), test_size=held_out_fraction, stratify=labels, random_state=seed)
+    )

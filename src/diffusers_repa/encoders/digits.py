@@ -28,11 +28,10 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from sklearn.model_selection import train_test_split
 from torch import nn
 from transformers import Dinov2Config, Dinov2Model
 
-from ..data.digits import digits_fingerprint, load_digits_arrays
+from ..data.digits import digits_fingerprint, load_digits_arrays, split_digits
 from ..data.preprocessing import center_crop_imagenet
 from ..evaluation.alignment import linear_probe_accuracy
 from .families import FAMILIES
@@ -124,18 +123,16 @@ def _evaluate(
     return accuracy, float(1 - within / total)
 
 
+def held_out_split(labels: torch.Tensor, settings: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sorted indices of the encoder's training digits and of the held-out ones its probe is measured on."""
+    split = split_digits(labels.numpy(), settings["held_out_fraction"], settings["seed"])
+    return tuple(torch.from_numpy(np.sort(indices)) for indices in split)
+
+
 def _train(settings: dict[str, Any]) -> tuple[Dinov2Model, dict[str, Any]]:
     """Pretrain the encoder described by `settings`; return it with the measurements of the record."""
     crops, labels = _digit_crops()
-    train, held_out = (
-        torch.from_numpy(np.sort(indices))
-        for indices in train_test_split(
-            np.arange(len(labels)),
-            test_size=settings["held_out_fraction"],
-            stratify=labels.numpy(),
-            random_state=settings["seed"],
-        )
-    )
+    train, held_out = held_out_split(labels, settings)
     config = Dinov2Config(
         image_size=DIGITS_ENCODER_RESOLUTION,
         patch_size=DIGITS_TOKEN_STRIDE,

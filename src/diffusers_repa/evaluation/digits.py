@@ -167,21 +167,9 @@ def _blurred(digits: np.ndarray) -> np.ndarray:
     return F.avg_pool2d(up, 2)[:, 0].numpy()
 
 
-def split_digits(labels: np.ndarray, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Indices of the classifier's training digits (80 %) and of the held-out ones (20 %), stratified by ``labels``
-    (the digits' labels (1797,) from [`~diffusers_repa.data.load_digits_arrays`]) with ``seed``."""
-    from sklearn.model_selection import train_test_split
-
-    return train_test_split(
-        np.arange(len(labels)),
-        test_size=digit_classifier_settings(seed)["held_out_fraction"],
-        stratify=labels,
-        random_state=seed,
-    )
-
-
 def train_digit_classifier(seed: int = 0) -> DigitClassifier:
-    """Fit the classifier of [`digit_classifier_settings`] on the training part of [`split_digits`].
+    """Fit the classifier of [`digit_classifier_settings`] on the training part of the digits'
+    [`~diffusers_repa.data.split_digits`].
 
     The training digits (uint8 8 × 8, from [`~diffusers_repa.data.load_digits_arrays`], through
     [`digits_to_classifier_input`]) are augmented with their 1-pixel shifts and a blurred copy (6× the data); the
@@ -189,12 +177,12 @@ def train_digit_classifier(seed: int = 0) -> DigitClassifier:
     """
     from sklearn.neural_network import MLPClassifier
 
-    from ..data.digits import load_digits_arrays
+    from ..data.digits import load_digits_arrays, split_digits
 
     settings = digit_classifier_settings(seed)
     images, labels = load_digits_arrays()
     digits = digits_to_classifier_input(images[:, None]).reshape(-1, DIGITS_SIDE, DIGITS_SIDE)
-    train, held_out = split_digits(labels, seed)
+    train, held_out = split_digits(labels, digit_classifier_settings(seed)["held_out_fraction"], seed)
     inputs = np.concatenate([digits[train], _shifted(digits[train]), _blurred(digits[train])])
     targets = np.tile(labels[train], len(inputs) // len(train))
     model = MLPClassifier(

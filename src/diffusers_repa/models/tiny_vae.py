@@ -5,20 +5,17 @@ caches and pipelines with it offline. Its latents mean nothing; for a real offli
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL
 
+from ..encoders.folders import write_folder_atomically
 
-def save_tiny_random_vae(path: str | os.PathLike, seed: int = 0) -> Path:
+
+def tiny_random_vae(seed: int = 0) -> AutoencoderKL:
     """A randomly initialised `AutoencoderKL` with 8× downsampling and 4 latent channels (like SD-VAE, but with
-    8–16 channels per block), saved with `save_pretrained`; reused when `path` already holds one."""
-    path = Path(path)
-    if (path / "config.json").is_file():
-        return path
+    8–16 channels per block), in eval mode; the caller's RNG state is left as it was."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         vae = AutoencoderKL(
@@ -29,13 +26,14 @@ def save_tiny_random_vae(path: str | os.PathLike, seed: int = 0) -> Path:
             latent_channels=4,
             norm_num_groups=8,
         )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
-    try:
-        vae.save_pretrained(staging)
-        shutil.rmtree(path, ignore_errors=True)
-        os.replace(staging, path)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    return vae.eval()
+
+
+def save_tiny_random_vae(path: str | os.PathLike, seed: int = 0) -> Path:
+    """[`tiny_random_vae`] saved with `save_pretrained` (atomically); reused when `path` already holds one."""
+    path = Path(path)
+    if (path / "config.json").is_file():
+        return path
+    with write_folder_atomically(path, replace=True) as staging:
+        tiny_random_vae(seed).save_pretrained(staging)
     return path
