@@ -17,6 +17,7 @@ __all__, __getattr__, __dir__ = lazy_exports(
         "hub": ["find_local_paths", "is_local_path", "push_export_to_hub", "remove_local_paths", "render_model_card"],
         "preflight": ["SourcesUnreachableError", "check_sources_reachable"],
         "run_lock": ["OutputDirInUseError", "RunLock", "acquire_run_lock"],
-        "trainer": ["REPATrainer", "TrainingInterrupted"],
+        "stop_signals": ["StopSignals", "TrainingInterrupted"],
+        "trainer": ["REPATrainer"],
     },
 )

@@ -8,13 +8,17 @@ after the new one is in place.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
 from accelerate import Accelerator
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 
 CHECKPOINT_PREFIX = "checkpoint-"
 _CHECKPOINT_PATTERN = re.compile(rf"^{CHECKPOINT_PREFIX}(\d+)$")
@@ -95,3 +99,29 @@ def _publish(staging: Path, final: Path, output_dir: Path, total_limit: int | No
     if total_limit is not None:
         for old in list_checkpoints(output_dir)[:-total_limit]:
             shutil.rmtree(old, ignore_errors=True)
+
+
+def load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """`safetensors.torch.load_file` whose errors name the file."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing; resume from a complete checkpoint.")
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError) as error:
+        raise ValueError(
+            f"{path} is not a readable safetensors file ({error}); resume from another checkpoint."
+        ) from error
+
+
+def read_trainer_state(path: Path) -> dict:
+    """The checkpoint's trainer_state.json, checked field by field (a hand-edited file fails here, not later)."""
+    try:
+        state = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path} is missing; resume from a complete checkpoint folder.") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path} is not valid JSON ({error}); resume from another checkpoint.") from None
+    for key in ("global_step", "num_processes", "per_device_batch_size", "gradient_accumulation_steps"):
+        if not isinstance(state.get(key), int) or isinstance(state.get(key), bool) or state[key] < 0:
+            raise ValueError(f"{path}: {key!r} must be a non-negative integer, got {state.get(key)!r}.")
+    return state

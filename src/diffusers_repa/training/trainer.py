@@ -6,9 +6,10 @@
         every --validation_steps; SIGTERM/SIGINT: checkpoint, then stop
     export the EMA weights (pipeline/ or lora/) with a sample grid and a model card
 
-Pieces: `objectives.py` (what the loss is), `step.py` (the one optimizer step), `model_setup.py` (model and
-optimizer from the arguments), `export.py` (grids and the export), `checkpointing.py` (atomic checkpoint folders),
-`run_settings.py` (what a resume may change).
+Pieces: `objectives.py` (what the loss is), `step.py` (the one optimizer step), `data_setup.py` (the cache and its
+loader), `model_setup.py` (model and optimizer from the arguments), `periodic_eval.py` (evaluation during training),
+`export.py` (grids and the export), `checkpointing.py` (atomic checkpoint folders and their files), `run_settings.py`
+(what a resume may change), `stop_signals.py` (SIGTERM/SIGINT), `run_lock.py` (one run per folder).
 
 Random streams: t, the noise of x_t and the posterior noise come from `self.generator` (seeded per process, saved in
 checkpoints); label dropout uses the global torch RNG, which accelerate saves and restores; the loader's order depends
@@ -21,7 +22,6 @@ import contextlib
 import copy
 import dataclasses
 import json
-import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -40,49 +40,35 @@ from accelerate.utils import (
     set_seed,
 )
 from diffusers import AutoencoderKL
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch.distributed.tensor import DTensor
 from tqdm.auto import tqdm
 
-from ..data import (
-    CACHE_INFO_FILE,
-    build_latent_cache,
-    cache_vae_matches,
-    check_cache_source,
-    is_pixel_space_vae,
-    load_latent_cache,
-    make_train_dataloader,
-    read_cache_info,
-)
 from ..encoders import check_token_grid, load_encoders
 from ..latents import latent_shift_and_scale
 from ..pipelines.pipeline_sit import SiTPipeline
 from ..schedulers import SiTODEScheduler, SiTSDEScheduler
 from .arguments import REPATrainingArguments
-from .checkpointing import resolve_checkpoint, save_checkpoint
+from .checkpointing import load_safetensors, read_trainer_state, resolve_checkpoint, save_checkpoint
+from .data_setup import build_cache_loader
 from .ema import copy_ema_to, create_ema, ema_state_dict, load_ema_state_dict
 from .export import export_step, sample_grid, write_export
 from .hub import SampleGridInfo, push_export_to_hub, render_model_card
 from .model_setup import build_model, build_optimizer, resolve_encoder_depth
 from .objectives import REPAFlowObjective
 from .periodic_eval import EVAL_PLOT_NAME, PeriodicEvaluation
-from .preflight import check_sources_reachable, default_cache_dir
 from .run_lock import acquire_run_lock
 from .run_settings import check_resume_settings, result_settings
-from .step import NonFiniteLossError, TrainingStep
+from .step import TrainingStep
+from .stop_signals import StopSignals
 
-__all__ = ["NonFiniteLossError", "REPATrainer", "TrainingInterrupted"]
+__all__ = ["REPATrainer"]
 
 logger = get_logger(__name__)
 
 EMA_WEIGHTS_NAME = "ema.safetensors"
 TRAINER_STATE_NAME = "trainer_state.json"
 ENCODER_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-class TrainingInterrupted(SystemExit):
-    """SIGTERM/SIGINT stopped the run after a checkpoint of its last step; exit status 128 + the signal's number."""
 
 
 class REPATrainer:
@@ -118,7 +104,7 @@ class REPATrainer:
             gradient_accumulation_plugin=GradientAccumulationPlugin(
                 num_steps=args.gradient_accumulation_steps, sync_with_dataloader=False
             ),
-            # Batches come from pinned memory on CUDA (see `_cache_loader`): copy them without blocking the host.
+            # Batches come from pinned memory on CUDA (see `build_cache_loader`): copy them without blocking the host.
             dataloader_config=DataLoaderConfiguration(non_blocking=True),
             # Once alignment stops, the projectors get no gradient, which DDP must be told about.
             kwargs_handlers=[
@@ -147,7 +133,6 @@ class REPATrainer:
         )
         self.global_step = 0
         self.setting_changes: list[dict] = []
-        self._stop_signal: int | None = None
         # A checkpoint to resume from is checked before anything heavy: the same experiment, layout, steps left.
         checkpoint = None
         if args.resume_from_checkpoint is not None:
@@ -158,8 +143,10 @@ class REPATrainer:
                 self._check_checkpoint(checkpoint)
 
         # Data (after checking that every source can be read): the latent cache and its loader.
-        train_dataloader = self._cache_loader(image_source)
-        info = self.cache_info
+        train_dataloader, info, self.cache_dir = build_cache_loader(
+            args, accelerator, self.per_device_batch_size, image_source
+        )
+        self.cache_info = info
 
         # Models: frozen encoders (none when λ = 0), the VAE (for samples and the export; none in pixel space), the
         # transformer, and a plain copy of it that holds the EMA weights for sampling.
@@ -274,7 +261,7 @@ class REPATrainer:
             desc="Steps",
             disable=not accelerator.is_local_main_process,
         )
-        with self._checkpoint_on_stop_signals(), contextlib.closing(self):
+        with StopSignals() as stop_signals, contextlib.closing(self):
             for step in range(self.global_step, args.max_train_steps):
                 output = self.training_step(batches, step)
                 if output.updated:
@@ -282,7 +269,7 @@ class REPATrainer:
                 self.global_step = step + 1
                 progress.update()
 
-                stop = self._stop_requested()
+                stop = stop_signals.requested(accelerator)
                 if self.global_step % args.logging_steps == 0:
                     progress.set_postfix(self.log_metrics())
                 # Before the checkpoint: a run killed in between evaluates this step again after resuming.
@@ -297,7 +284,7 @@ class REPATrainer:
                 ):
                     self.save_checkpoint()
                 if stop:
-                    self._exit_on_stop_signal()
+                    stop_signals.exit(self.global_step)
                 if self.global_step % args.validation_steps == 0:
                     self.log_validation()
             progress.close()
@@ -324,48 +311,6 @@ class REPATrainer:
     @property
     def num_nonfinite_steps(self) -> int:
         return self.training_step.num_nonfinite_steps
-
-    # ---------------------------------------------------------------------------------------------- stop signals
-
-    @contextlib.contextmanager
-    def _checkpoint_on_stop_signals(self) -> Iterator[None]:
-        """While training, SIGTERM and SIGINT only set a flag: the loop checkpoints the step and then stops."""
-        previous = {}
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            with contextlib.suppress(ValueError):  # not the main thread: keep the default handling
-                previous[signum] = signal.signal(signum, self._on_stop_signal)
-        try:
-            yield
-        finally:
-            for signum, handler in previous.items():
-                signal.signal(signum, handler)
-
-    def _on_stop_signal(self, signum: int, frame) -> None:
-        if self._stop_signal is not None:  # a second signal: stop now, without the checkpoint
-            raise KeyboardInterrupt
-        self._stop_signal = signum
-        logger.warning(
-            f"Received {signal.Signals(signum).name}: saving a checkpoint after this step, then stopping "
-            "(send it again to stop at once)."
-        )
-
-    def _stop_requested(self) -> bool:
-        """Whether any process got a stop signal. With several processes they all take the same decision, at the
-        cost of one small all-reduce per step (a signal may reach only some of them)."""
-        if self.accelerator.num_processes > 1:
-            requested = torch.tensor(float(self._stop_signal is not None), device=self.accelerator.device)
-            if self.accelerator.reduce(requested, reduction="sum").item() > 0 and self._stop_signal is None:
-                self._stop_signal = signal.SIGTERM  # another process was told to stop
-        return self._stop_signal is not None
-
-    def _exit_on_stop_signal(self) -> None:
-        signum = int(self._stop_signal)
-        message = (
-            f"Stopped by {signal.Signals(signum).name} at step {self.global_step}; resume with "
-            "--resume_from_checkpoint latest."
-        )
-        logger.warning(message, main_process_only=True)
-        raise TrainingInterrupted(128 + signum)
 
     # ----------------------------------------------------------------------------------------------------- logging
 
@@ -502,7 +447,7 @@ class REPATrainer:
         """The checkpoint's trainer state and the setting changes to apply, once checked that it belongs to this
         experiment (layout and settings), that it can continue, and that this process's random state is there."""
         args = self.args
-        saved = _read_trainer_state(folder / TRAINER_STATE_NAME)
+        saved = read_trainer_state(folder / TRAINER_STATE_NAME)
         current = self._run_layout()
         mismatched = {
             key: (saved[key], current[key]) for key in current if key != "global_step" and saved[key] != current[key]
@@ -539,13 +484,13 @@ class REPATrainer:
         folder = Path(folder)
         saved, changes = self._check_checkpoint(folder)
         random_states, generator_file = (folder / name for name in self._random_state_files())
-        random_state = _load_safetensors(generator_file)
+        random_state = load_safetensors(generator_file)
         self.accelerator.load_state(str(folder))
         if not torch.equal(torch.get_rng_state(), random_state["torch_rng"]):
             # accelerate only logs when it cannot read its RNG file; a silent divergence is worse than stopping.
             raise ValueError(f"{random_states} could not be read; resume from another checkpoint.")
         load_ema_state_dict(
-            self.ema, self.ema_names, _load_safetensors(folder / EMA_WEIGHTS_NAME), saved.get("ema_updates", 0)
+            self.ema, self.ema_names, load_safetensors(folder / EMA_WEIGHTS_NAME), saved.get("ema_updates", 0)
         )
         self.sync_ema_model()
         self.generator.set_state(random_state["generator"])
@@ -611,64 +556,6 @@ class REPATrainer:
 
     # ----------------------------------------------------------------------------------------------- construction
 
-    def _cache_loader(self, image_source: datasets.Dataset | None) -> torch.utils.data.DataLoader:
-        """Fail fast if a source cannot be read, build the latent cache once (every process shares the work; later
-        runs reuse it), and return its loader (sample order fixed by the seed and the epoch)."""
-        args = self.args
-        self.cache_dir = cache_dir = Path(args.cache_dir) if args.cache_dir else default_cache_dir(args)
-        have_cache = (cache_dir / CACHE_INFO_FILE).is_file()
-        check_sources_reachable(args, need_dataset=not have_cache and image_source is None)
-        source = args.dataset if image_source is None else image_source
-        if have_cache and args.cache_dir is None and image_source is None:
-            # The default folder is named after --dataset: reuse it only if that source has not changed since. An
-            # explicit --cache_dir is the user's choice of data (e.g. a shared cache), whatever --dataset says.
-            check_cache_source(
-                cache_dir, source, args.dataset_split, args.image_column, args.label_column, args.max_train_samples
-            )
-        if not have_cache:
-            logger.info(f"Building the latent cache in {cache_dir} (once).", main_process_only=True)
-            build_latent_cache(
-                source,
-                cache_dir,
-                args.vae,
-                args.resolution,
-                split=args.dataset_split,
-                image_column=args.image_column,
-                label_column=args.label_column,
-                max_samples=args.max_train_samples,
-            )
-        self.cache_info = read_cache_info(cache_dir)
-        self._check_cache_matches_vae(cache_dir)
-        return make_train_dataloader(
-            load_latent_cache(cache_dir),
-            self.per_device_batch_size,
-            shuffle=True,
-            seed=args.seed,
-            num_workers=args.dataloader_num_workers,
-            hflip=args.hflip,
-            drop_last=True,
-            pin_memory=self.accelerator.device.type == "cuda",
-        )
-
-    def _check_cache_matches_vae(self, cache_dir: Path) -> None:
-        """The cache must hold what --vae and --resolution give (latents of that VAE, or pixels without one)."""
-        args, info = self.args, self.cache_info
-        if is_pixel_space_vae(args.vae):
-            expected = (args.resolution, 3, args.resolution, 1.0)
-        else:
-            vae_config = AutoencoderKL.load_config(args.vae)
-            latent_size = args.resolution // 2 ** (len(vae_config["block_out_channels"]) - 1)
-            expected = (args.resolution, vae_config["latent_channels"], latent_size, vae_config["scaling_factor"])
-        cached = (info.resolution, info.latent_channels, info.latent_size, info.scaling_factor)
-        if cached != expected or info.pixel_space != is_pixel_space_vae(args.vae):
-            raise ValueError(
-                f"The latent cache {cache_dir} holds {info.resolution}-px images as {info.latent_channels}×"
-                f"{info.latent_size}² inputs (VAE {info.vae!r}, scaling {info.scaling_factor}), which --resolution "
-                f"{args.resolution} with --vae {args.vae!r} does not give; pass matching flags or another --cache_dir."
-            )
-        if not cache_vae_matches(info, args.vae):  # same shapes, other weights: the latents decode wrongly
-            logger.warning(f"The latent cache was encoded with VAE {info.vae!r}; this run decodes with {args.vae!r}.")
-
     def _start_run_records(self) -> None:
         """Write training_args.json, start the trackers, and log what is being trained on what."""
         args, accelerator, info = self.args, self.accelerator, self.cache_info
@@ -699,29 +586,3 @@ class REPATrainer:
                 f"multiple of {divisor}, or set the per-device batch with --train_batch_size."
             )
         return args.global_batch_size // divisor
-
-
-def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    """`safetensors.torch.load_file` whose errors name the file."""
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing; resume from a complete checkpoint.")
-    try:
-        return load_file(path)
-    except (SafetensorError, OSError) as error:
-        raise ValueError(
-            f"{path} is not a readable safetensors file ({error}); resume from another checkpoint."
-        ) from error
-
-
-def _read_trainer_state(path: Path) -> dict:
-    """The checkpoint's trainer_state.json, checked field by field (a hand-edited file fails here, not later)."""
-    try:
-        state = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path} is missing; resume from a complete checkpoint folder.") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"{path} is not valid JSON ({error}); resume from another checkpoint.") from None
-    for key in ("global_step", "num_processes", "per_device_batch_size", "gradient_accumulation_steps"):
-        if not isinstance(state.get(key), int) or isinstance(state.get(key), bool) or state[key] < 0:
-            raise ValueError(f"{path}: {key!r} must be a non-negative integer, got {state.get(key)!r}.")
-    return state
