@@ -38,8 +38,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--image_column", default="image")
     parser.add_argument("--label_column", default="label")
     parser.add_argument("--streaming", action="store_true", help="Read the source lazily instead of downloading it.")
-    parser.add_argument("--resolution", type=int, default=256, choices=(256, 512))
-    parser.add_argument("--vae", default=DEFAULT_VAE, help="AutoencoderKL Hub id or local path.")
+    parser.add_argument("--resolution", type=int, default=256, help="Image side in pixels (256 and 512 as REPA).")
+    parser.add_argument(
+        "--vae", default=DEFAULT_VAE, help="AutoencoderKL Hub id or local path, or 'none' for a pixel-space cache."
+    )
     parser.add_argument("--output_dir", required=True)
     parser.add_argument("--batch_size", type=int, default=64, help="Images per VAE forward pass and process.")
     shards = parser.add_mutually_exclusive_group()
