@@ -2,8 +2,9 @@
 
     for step in range(start, max_train_steps):
         training_step(micro_batches, step)     step.py: loss (objective) → backward → clip → finite? → AdamW → EMA
-        log every --logging_steps, checkpoint every --checkpointing_steps and at the last step, sample a grid
-        every --validation_steps; SIGTERM/SIGINT: checkpoint, then stop
+        log every --logging_steps; evaluate EMA samples every --eval_steps and at the last step; checkpoint every
+        --checkpointing_steps and at the last step; sample a grid every --validation_steps; SIGTERM/SIGINT:
+        checkpoint, then stop
     export the EMA weights (pipeline/ or lora/) with a sample grid and a model card
 
 Pieces: `objectives.py` (what the loss is), `step.py` (the one optimizer step), `data_setup.py` (the cache and its
@@ -228,6 +229,7 @@ class REPATrainer:
         self._start_run_records()
 
     def _setup_ema(self) -> None:
+        """diffusers' `EMAModel` over the trained parameters (as prepared: sharded under FSDP2), named for checkpoints."""
         names_and_params = [(n, p) for n, p in self.unwrapped_model.named_parameters() if p.requires_grad]
         self.ema_names = [name for name, _ in names_and_params]
         self.ema = create_ema(
