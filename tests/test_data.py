@@ -642,8 +642,10 @@ def test_prepare_dataset_cli(tmp_path, image_folder, vae_dir, monkeypatch, capsy
     summary = json.loads(capsys.readouterr().out)
     assert summary["num_samples"] == 3 and summary["num_shards"] == 2 and summary["latent_shape"] == [4, 32, 32]
     assert pushed == ["user/cache"] and summary["hub_url"] == "url"
-    with pytest.raises(SystemExit):
-        cli.parse_args([*argv, "--resolution", "128"])
+    with pytest.raises(
+        ValueError, match="multiple of the VAE.s downsampling factor 8, got 36"
+    ):  # any size it can take
+        cli.main([*argv, "--resolution", "36", "--output_dir", str(tmp_path / "odd")])
     with pytest.raises(SystemExit):
         cli.parse_args([*argv, "--push_to_hub"])
 
