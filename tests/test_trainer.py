@@ -626,3 +626,9 @@ def test_evaluation_during_training_is_deterministic_and_resumes_without_repeati
     resumed = trained(assets, output_dir, **pixel_settings(pixel_cache, **resume))
     assert resumed.global_step == 4
     assert (output_dir / "eval.csv").read_text() == expected  # same rows, same numbers, each step once
+
+
+def test_fine_tuning_refuses_size_flags_that_the_pretrained_model_does_not_have(assets, base_pipeline, tmp_path):
+    args = tiny_args(assets, tmp_path / "run", pretrained_model=str(base_pipeline), lora_rank=4, hidden_size=64)
+    with pytest.raises(ValueError, match=r"has hidden_size 32, not hidden_size 64: leave those flags out"):
+        REPATrainer(args)

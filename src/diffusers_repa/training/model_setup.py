@@ -47,19 +47,23 @@ def build_model(
             **{name: value for name, value in sizes.items() if value is not None},
         )
 
+    # Its inputs and null class were checked against the cache by preflight; what needs the dataset is checked here.
     config = SiTTransformer2DModel.load_config(args.pretrained_model, subfolder="transformer")
-    if (config["sample_size"], config["in_channels"]) != (info.latent_size, info.latent_channels):
-        raise ValueError(
-            f"{args.pretrained_model} works on {config['in_channels']}×{config['sample_size']}² inputs, the cache "
-            f"holds {info.latent_channels}×{info.latent_size}²: use the same VAE and resolution as its training."
-        )
     if info.num_classes > config["num_classes"]:
         raise ValueError(
             f"The dataset has {info.num_classes} classes but {args.pretrained_model} only {config['num_classes']}; "
             "fine-tuning reuses the model's class embeddings, so the dataset's labels must fit in them."
         )
-    if args.cfg_prob > 0 and config["class_dropout_prob"] == 0:
-        raise ValueError(f"{args.pretrained_model} has no null class for label dropout; pass --cfg_prob 0.")
+    sizes = {"depth": args.depth, "hidden_size": args.hidden_size, "num_attention_heads": args.num_attention_heads}
+    sizes["encoder_depth"] = args.encoder_depth
+    different = {name: value for name, value in sizes.items() if value is not None and value != config[name]}
+    if different:
+        raise ValueError(
+            f"--pretrained_model {args.pretrained_model} has "
+            + ", ".join(f"{name} {config[name]}" for name in different)
+            + f", not {', '.join(f'{name} {value}' for name, value in different.items())}: leave those flags out "
+            "(fine-tuning keeps the model's architecture)."
+        )
     model = SiTTransformer2DModel.from_pretrained(args.pretrained_model, subfolder="transformer")
     if tuple(model.config.projection_dims) != projection_dims:
         # No projectors, or other widths than the encoders': new ones (initialised as in a new model), trained.
