@@ -5,7 +5,8 @@ from __future__ import annotations
 import difflib
 import inspect
 import json
-from collections.abc import Callable, Sequence
+import math
+from collections.abc import Callable, Mapping, Sequence
 from functools import cache
 from pathlib import Path
 from typing import Literal, get_args
@@ -17,6 +18,7 @@ from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.models import AutoencoderKL
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline, ImagePipelineOutput
+from diffusers.utils import replace_example_docstring
 from diffusers.utils.torch_utils import randn_tensor
 from huggingface_hub import snapshot_download
 
@@ -33,6 +35,26 @@ COMPILE_MODES: tuple[str, ...] = get_args(CompileMode)
 # Weight formats a download skips unless `use_safetensors=False` is passed: this package loads safetensors only.
 _PICKLED_WEIGHT_PATTERNS = ["*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl"]
 _IMAGENET_ID2LABEL_FILE = Path(__file__).with_name("imagenet_id2label.json")
+
+EXAMPLE_DOC_STRING = """
+    Examples:
+        ```py
+        >>> import torch
+        >>> from diffusers_repa import SiTPipeline, SiTSDEScheduler
+
+        >>> pipe = SiTPipeline.from_pretrained("org/sit-xl-repa", dtype=torch.bfloat16).to("cuda")
+        >>> pipe.scheduler = SiTSDEScheduler(path_type="linear")
+        >>> # The paper's setting (FID 1.42): SDE, 250 steps, CFG 1.8 only for t in [0, 0.7] (t = 1 is noise).
+        >>> images = pipe(
+        ...     ["golden retriever", 88, 979],
+        ...     num_inference_steps=250,
+        ...     guidance_scale=1.8,
+        ...     guidance_interval=(0.0, 0.7),
+        ...     generator=torch.Generator("cuda").manual_seed(0),
+        ... ).images
+        >>> images[0].save("golden_retriever.png")
+        ```
+"""
 
 
 @cache
@@ -201,11 +223,20 @@ class SiTPipeline(DiffusionPipeline, SiTLoraLoaderMixin):
                 raise ValueError(f"Unknown class name {name!r}.{hint}")
         return ids
 
-    def _resolve_class_labels(self, class_labels: int | str | Sequence[int | str] | torch.Tensor) -> list[int]:
-        if isinstance(class_labels, torch.Tensor):
+    def _resolve_class_labels(
+        self, class_labels: int | str | Sequence[int | str] | np.ndarray | torch.Tensor
+    ) -> list[int]:
+        if class_labels is None:
+            raise ValueError("class_labels is required: one class id or name per image, e.g. [207, 'tench'].")
+        if isinstance(class_labels, (torch.Tensor, np.ndarray)):
             class_labels = class_labels.reshape(-1).tolist()
         elif isinstance(class_labels, (int, str, np.integer)):
             class_labels = [class_labels]
+        elif isinstance(class_labels, Mapping) or not isinstance(class_labels, Sequence):
+            raise ValueError(
+                "class_labels must be a class id, a class name, or a list or tensor of them (one per image), got a "
+                f"{type(class_labels).__name__}: {class_labels!r}."
+            )
         ids = [
             self.get_label_ids(label)[0]
             if isinstance(label, str) and not label.strip().isdigit()
@@ -216,20 +247,35 @@ class SiTPipeline(DiffusionPipeline, SiTLoraLoaderMixin):
             raise ValueError("class_labels is empty; pass at least one class id or name.")
         return ids
 
+    @staticmethod
+    def _check_guidance_scale(guidance_scale: float, what: str = "guidance_scale") -> None:
+        if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float, np.number)):
+            raise ValueError(f"{what} must be a number, got {type(guidance_scale).__name__} {guidance_scale!r}.")
+        if not math.isfinite(guidance_scale):
+            raise ValueError(
+                f"{what} must be a finite number (1 disables classifier-free guidance), got {guidance_scale}."
+            )
+
     def check_inputs(
         self,
+        batch_size: int,
         num_inference_steps: int,
         guidance_scale: float,
         guidance_interval: tuple[float, float],
+        generator: torch.Generator | list[torch.Generator] | None,
+        latents: torch.Tensor | None,
         output_type: str,
         callback_on_step_end_tensor_inputs: list[str],
     ) -> None:
-        """Raise a ValueError naming the first invalid argument."""
+        """Raise a ValueError naming the first invalid argument (``batch_size``: the number of class labels)."""
         check_num_inference_steps(num_inference_steps)
+        self._check_guidance_scale(guidance_scale)
         if guidance_scale < 1:
             raise ValueError(
                 f"guidance_scale must be >= 1 (1 disables classifier-free guidance), got {guidance_scale}."
             )
+        if isinstance(guidance_interval, (str, bytes)) or not isinstance(guidance_interval, Sequence):
+            raise ValueError(f"guidance_interval must be a pair (low, high), got {guidance_interval!r}.")
         if len(guidance_interval) != 2:
             raise ValueError(f"guidance_interval must be a pair (low, high), got {guidance_interval!r}.")
         low, high = guidance_interval
@@ -237,6 +283,27 @@ class SiTPipeline(DiffusionPipeline, SiTLoraLoaderMixin):
             raise ValueError(
                 f"guidance_interval must satisfy 0 <= low <= high <= 1 (times, t = 1 noise), got {guidance_interval!r}."
             )
+        if isinstance(generator, list) and len(generator) != batch_size:
+            raise ValueError(
+                f"generator is a list of {len(generator)} generators for {batch_size} images (one per class label); "
+                "pass one generator per image, or a single generator."
+            )
+        if latents is not None:
+            config = self.transformer.config
+            shape = (batch_size, config.in_channels, config.sample_size, config.sample_size)
+            if not isinstance(latents, torch.Tensor):
+                raise ValueError(f"latents must be a torch.Tensor of shape {shape}, got {type(latents).__name__}.")
+            if tuple(latents.shape) != shape:
+                raise ValueError(
+                    f"latents must have shape {shape} (one per class label, the transformer's channels and "
+                    f"sample_size), got {tuple(latents.shape)}."
+                )
+            if not latents.is_floating_point():
+                raise ValueError(
+                    f"latents must be a floating-point tensor (standard Gaussian noise at t = 1), got {latents.dtype}."
+                )
+            if not torch.isfinite(latents).all():
+                raise ValueError("latents contain NaN or infinite values; pass finite Gaussian noise at t = 1.")
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}.")
         in_channels = self.transformer.config.in_channels
@@ -250,6 +317,50 @@ class SiTPipeline(DiffusionPipeline, SiTLoraLoaderMixin):
         if unknown:
             raise ValueError(f"callback_on_step_end_tensor_inputs {unknown} not in {self._callback_tensor_inputs}.")
 
+    def prepare_latents(
+        self,
+        batch_size: int,
+        num_channels_latents: int,
+        sample_size: int,
+        device: torch.device,
+        generator: torch.Generator | list[torch.Generator] | None,
+        latents: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The initial state at t = 1, in the sampler's precision (float64; float32 on MPS) on ``device``.
+
+        Drawn as float32 Gaussian noise of shape ``(batch_size, num_channels_latents, sample_size, sample_size)``
+        (whatever the model dtype, as the original draws it: bf16 noise would be coarsely rounded), or ``latents``
+        moved there when given.
+        """
+        if latents is None:
+            shape = (batch_size, num_channels_latents, sample_size, sample_size)
+            latents = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
+        return latents.to(device=device, dtype=sampling_dtype(device))
+
+    @property
+    def guidance_scale(self) -> float:
+        """The classifier-free guidance weight w of the running (or last) call; a callback may change it through
+        ``pipe._guidance_scale``, which takes effect from the next step on."""
+        return self._guidance_scale
+
+    @property
+    def do_classifier_free_guidance(self) -> bool:
+        """Whether guidance is on at all (``guidance_scale > 1``); within a call it applies only inside
+        ``guidance_interval``."""
+        return self._guidance_scale > 1
+
+    @property
+    def num_timesteps(self) -> int:
+        """Entries of ``scheduler.timesteps`` in the running (or last) call: the number of denoising steps, i.e. of
+        `callback_on_step_end` calls (Heun: 2N − 1)."""
+        return self._num_timesteps
+
+    @property
+    def interrupt(self) -> bool:
+        """Set ``pipe._interrupt = True`` (e.g. from a callback) to skip the remaining steps; the call then returns
+        the current state, decoded."""
+        return self._interrupt
+
     def _decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Images in [-1, 1] (not yet clamped): the VAE decoding of latents ``z``, inverting ``z = (x − shift)·scale``
         (see `diffusers_repa.latents`), in the VAE's dtype; in pixel space the final sample itself, in float32."""
@@ -260,9 +371,10 @@ class SiTPipeline(DiffusionPipeline, SiTLoraLoaderMixin):
         return self.vae.decode(latents / scale + shift).sample
 
     @torch.no_grad()
+    @replace_example_docstring(EXAMPLE_DOC_STRING)
     def __call__(
         self,
-        class_labels: int | str | Sequence[int | str] | torch.Tensor,
+        class_labels: int | str | Sequence[int | str] | np.ndarray | torch.Tensor,
         num_inference_steps: int = 250,
         guidance_scale: float = 1.0,
         guidance_interval: tuple[float, float] = (0.0, 1.0),
@@ -277,40 +389,54 @@ class SiTPipeline(DiffusionPipeline, SiTLoraLoaderMixin):
         r"""Generate one image per class label.
 
         Args:
-            class_labels: class ids (ints or digit strings) and/or class names (see `get_label_ids`), one per image.
+            class_labels: class ids (ints or digit strings) and/or class names (see `get_label_ids`), one per image:
+                a single id or name, a list, or an integer array or tensor.
             num_inference_steps: scheduler steps N (SDE and Euler: N model calls; Heun: 2N − 1).
-            guidance_scale: classifier-free guidance weight w; 1 disables guidance (REPA's paper setting: 1.8).
+            guidance_scale: classifier-free guidance weight w ≥ 1, finite; 1 disables guidance (REPA's paper
+                setting: 1.8). Exposed as `guidance_scale` during the call; a callback may change it.
             guidance_interval: ``(low, high)``; guidance is applied only while ``low ≤ t ≤ high`` (t = 1 noise),
                 e.g. ``(0.0, 0.7)`` in the paper.
-            generator: random generator(s) for the initial latents and the SDE noise.
-            latents: initial noise (N, C, H, W) at t = 1, one per label; drawn from `generator` if not given.
+            generator: random generator for the initial latents and the SDE noise, or a list of one per image.
+            latents: initial noise (N, C, H, W) at t = 1, one per label, floating point and finite; drawn from
+                `generator` if not given.
             output_type: ``"pil"``, ``"np"`` (N, H, W, 3) in [0, 1], ``"pt"`` (N, 3, H, W) in [0, 1] (the VAE's dtype;
                 float32 in pixel space), or ``"latent"`` (the final latents z, or in pixel space the unclamped image
                 x in [-1, 1], in the sampler's float64 state precision).
             return_dict: return an [`ImagePipelineOutput`] instead of a tuple.
-            callback_on_step_end: called after every step as ``callback(pipe, i, t, {"latents": ...})``; may return
-                replacement ``latents``.
+            callback_on_step_end: a function, [`PipelineCallback`] or [`MultiPipelineCallbacks`] called after every
+                step as ``callback(pipe, i, t, callback_kwargs)`` with the tensors named in
+                `callback_on_step_end_tensor_inputs`; it returns a dict, whose ``latents`` (if present) replace the
+                state. It may read `num_timesteps`, `guidance_scale`, `do_classifier_free_guidance` and
+                `interrupt`, change the guidance for the following steps by setting ``pipe._guidance_scale`` (a Heun
+                corrector still follows its predictor's decision to guide), and stop early with
+                ``pipe._interrupt = True``.
             callback_on_step_end_tensor_inputs: tensors passed to the callback (only ``"latents"``).
             step_noises: Gaussian noise for each stochastic scheduler step instead of fresh draws (one (N, C, H, W)
                 tensor per step, `scheduler.num_stochastic_steps` of them); for reproducing a recorded run with
                 [`SiTSDEScheduler`].
+
+        Examples:
 
         Returns:
             [`ImagePipelineOutput`] with ``images``, or the tuple ``(images,)``.
         """
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
-        self.check_inputs(
-            num_inference_steps, guidance_scale, guidance_interval, output_type, callback_on_step_end_tensor_inputs
-        )
         label_ids = self._resolve_class_labels(class_labels)
+        batch_size = len(label_ids)
+        self.check_inputs(
+            batch_size,
+            num_inference_steps,
+            guidance_scale,
+            guidance_interval,
+            generator,
+            latents,
+            output_type,
+            callback_on_step_end_tensor_inputs,
+        )
+        self._guidance_scale = guidance_scale
+        self._interrupt = False
         config = self.transformer.config
-        shape = (len(label_ids), config.in_channels, config.sample_size, config.sample_size)
-        if latents is not None and tuple(latents.shape) != shape:
-            raise ValueError(
-                f"latents must have shape {shape} (one per class label, the transformer's channels and sample_size), "
-                f"got {tuple(latents.shape)}."
-            )
 
         device = self._execution_device
         self.scheduler.set_timesteps(num_inference_steps, device=device)
@@ -329,10 +455,7 @@ class SiTPipeline(DiffusionPipeline, SiTLoraLoaderMixin):
                     f"step_noises must hold {expected} tensors for this schedule, got {len(step_noises)}."
                 )
 
-        if latents is None:
-            # float32 noise whatever the model dtype (as the original draws it): bf16 noise would be coarsely rounded.
-            latents = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
-        latents = latents.to(device=device, dtype=sampling_dtype(device))
+        latents = self.prepare_latents(batch_size, config.in_channels, config.sample_size, device, generator, latents)
         labels = torch.tensor(label_ids, device=device)
         guided_labels = torch.cat([labels, torch.full_like(labels, config.num_classes)])
         # diffusers' flow-matching schedulers count time as t · num_train_timesteps; ours use t itself.
@@ -344,12 +467,15 @@ class SiTPipeline(DiffusionPipeline, SiTLoraLoaderMixin):
         self.transformer.eval()
         try:
             timesteps = self.scheduler.timesteps
+            self._num_timesteps = len(timesteps)
             use_guidance = False
             with self.progress_bar(total=len(timesteps)) as progress_bar:
                 for i, t in enumerate(timesteps):
+                    if self.interrupt:
+                        continue
                     time = float(t) / time_scale
                     if getattr(self.scheduler, "state_in_first_order", True):
-                        use_guidance = guidance_scale > 1 and low <= time <= high
+                        use_guidance = self.do_classifier_free_guidance and low <= time <= high
                     model_input = latents.to(self.transformer.dtype)
                     if use_guidance:
                         model_input = torch.cat([model_input, model_input])
@@ -362,7 +488,7 @@ class SiTPipeline(DiffusionPipeline, SiTLoraLoaderMixin):
                     ).sample.to(latents.dtype)
                     if use_guidance:
                         conditional, unconditional = velocity.chunk(2)
-                        velocity = unconditional + guidance_scale * (conditional - unconditional)
+                        velocity = unconditional + self.guidance_scale * (conditional - unconditional)
                     noise_kwargs = (
                         {"noise": step_noises[i]} if step_noises is not None and i < len(step_noises) else {}
                     )
@@ -375,6 +501,7 @@ class SiTPipeline(DiffusionPipeline, SiTLoraLoaderMixin):
                         callback_kwargs = {name: tensors[name] for name in callback_on_step_end_tensor_inputs}
                         callback_outputs = callback_on_step_end(self, i, t, callback_kwargs)
                         latents = callback_outputs.pop("latents", latents)
+                        self._check_guidance_scale(self._guidance_scale, "guidance_scale set by callback_on_step_end")
                     progress_bar.update()
         finally:
             self.transformer.train(was_training)
