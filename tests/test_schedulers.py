@@ -1,4 +1,5 @@
-"""SiTODEScheduler / SiTSDEScheduler: grids, the Heun interface, closed-form steps, noise handling, errors.
+"""SiTODEScheduler / SiTSDEScheduler: grids, the Heun interface, closed-form steps, noise handling, errors,
+begin_index, len() and compatibility with diffusers' FlowMatchEulerDiscreteScheduler.
 
 Parity with the original samplers on the tiny model is checked through the pipeline in test_pipeline_sit.py.
 """
@@ -7,6 +8,7 @@ import math
 
 import pytest
 import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
 
 from diffusers_repa.schedulers import SiTODEScheduler, SiTSDEScheduler
 
@@ -142,3 +144,66 @@ def test_config_round_trip(tmp_path, scheduler):
     scheduler.save_pretrained(tmp_path)
     loaded = type(scheduler).from_pretrained(tmp_path)
     assert dict(loaded.config) == dict(scheduler.config)
+
+
+def test_begin_index_starts_a_run_part_way():
+    # Euler on dx/dt = x from timesteps[2] = 0.5: two steps of (1 − h).
+    scheduler = SiTODEScheduler()
+    scheduler.set_timesteps(4)
+    assert scheduler.begin_index is None
+    scheduler.set_begin_index(2)
+    assert scheduler.begin_index == 2 and scheduler.step_index == 2
+    x = torch.randn(2, 4, 8, 8, dtype=torch.float64)
+    state = x
+    for t in scheduler.timesteps[2:]:
+        state = scheduler.step(state, t, state).prev_sample
+    torch.testing.assert_close(state, x * (1 - 1 / 4) ** 2, rtol=1e-12, atol=1e-12)
+    scheduler.set_timesteps(4)
+    assert scheduler.begin_index is None and scheduler.step_index == 0
+
+    # Heun from entry 2 (the predictor of interval 1): two Heun intervals, then the last Euler one.
+    heun = SiTODEScheduler(solver="heun")
+    heun.set_timesteps(4)
+    with pytest.raises(ValueError, match="corrector entry"):
+        heun.set_begin_index(3)
+    heun.set_begin_index(2)
+    state = x
+    for t in heun.timesteps[2:]:
+        state = heun.step(state, t, state).prev_sample
+    h = 1 / 4
+    torch.testing.assert_close(state, x * (1 - h + h**2 / 2) ** 2 * (1 - h), rtol=1e-12, atol=1e-12)
+
+    # SDE from the last entry: only the deterministic step to t = 0 is left.
+    sde = SiTSDEScheduler()
+    sde.set_timesteps(3)
+    sde.set_begin_index(2)
+    velocity = torch.randn_like(x)
+    out = sde.step(velocity, sde.timesteps[2], x)
+    torch.testing.assert_close(out.prev_sample, x + ((2 - 0.04) * velocity + x) * -0.04, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("scheduler_class", [SiTODEScheduler, SiTSDEScheduler])
+@pytest.mark.parametrize(
+    ("begin_index", "match"),
+    [(None, "set_timesteps"), (3, r"must be in \[0, 2\]"), (-1, "must be in"), (1.0, "integer")],
+)
+def test_bad_begin_index_raises(scheduler_class, begin_index, match):
+    scheduler = scheduler_class()
+    if begin_index is not None:
+        scheduler.set_timesteps(3)
+    with pytest.raises(ValueError, match=match):
+        scheduler.set_begin_index(0 if begin_index is None else begin_index)
+
+
+@pytest.mark.parametrize("scheduler_class", [SiTODEScheduler, SiTSDEScheduler])
+def test_len_compatibles_and_swapping_with_flow_match(scheduler_class):
+    scheduler = scheduler_class()
+    # len(scheduler) is diffusers' num_train_timesteps, the factor between timesteps and the model's time t.
+    assert len(scheduler) == 1 and len(FlowMatchEulerDiscreteScheduler()) == 1000
+    assert set(scheduler.compatibles) == {SiTODEScheduler, SiTSDEScheduler, FlowMatchEulerDiscreteScheduler}
+    for other_class in scheduler.compatibles:
+        swapped = other_class.from_config(scheduler.config)
+        assert isinstance(swapped, other_class)
+        swapped.set_timesteps(4)
+        assert swapped.timesteps[0] / len(swapped) == 1  # every run starts from noise at t = 1
+    assert type(scheduler_class.from_config(FlowMatchEulerDiscreteScheduler().config)) is scheduler_class

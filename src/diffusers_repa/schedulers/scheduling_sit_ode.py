@@ -10,10 +10,9 @@ from typing import Literal
 
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
-from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
 
-from .scheduling_utils_sit import check_num_inference_steps, sampling_dtype
+from .scheduling_utils_sit import SiTSchedulerMixin, check_num_inference_steps, sampling_dtype
 
 ODE_SOLVERS = ("euler", "heun")
 
@@ -30,7 +29,7 @@ class SiTODESchedulerOutput(BaseOutput):
     prev_sample: torch.Tensor
 
 
-class SiTODEScheduler(SchedulerMixin, ConfigMixin):
+class SiTODEScheduler(SiTSchedulerMixin, ConfigMixin):
     r"""Euler or Heun integration of the velocity ODE on the grid ``t_i = 1 − i/N``, i = 0..N (t = 1 noise, t = 0 data).
 
     The model predicts the velocity ``v(x_t, t)``; `timesteps` holds the times at which to evaluate it, and they are
@@ -59,6 +58,7 @@ class SiTODEScheduler(SchedulerMixin, ConfigMixin):
         self.time_grid: torch.Tensor | None = None
         self.timesteps: torch.Tensor | None = None
         self._step_index: int | None = None
+        self._begin_index: int | None = None
         # Heun: (sample, velocity, dt) of the predictor, kept until the corrector step.
         self._predictor: tuple[torch.Tensor, torch.Tensor, float] | None = None
 
@@ -93,6 +93,18 @@ class SiTODEScheduler(SchedulerMixin, ConfigMixin):
         self.timesteps = points.to(device=device, dtype=sampling_dtype(device))
         self.num_inference_steps = num_inference_steps
         self._step_index = 0
+        self._begin_index = None
+        self._predictor = None
+
+    def set_begin_index(self, begin_index: int = 0) -> None:
+        """Start the run at ``timesteps[begin_index]`` (see [`SiTSchedulerMixin.set_begin_index`]); with Heun it
+        must be a predictor entry, i.e. even (entry ``2k`` starts interval k)."""
+        if self.config.solver == "heun" and isinstance(begin_index, int) and begin_index % 2:
+            raise ValueError(
+                f"begin_index {begin_index} is a Heun corrector entry; a run starts at a predictor entry (an even "
+                "index: 2k starts grid interval k)."
+            )
+        super().set_begin_index(begin_index)
         self._predictor = None
 
     def scale_model_input(self, sample: torch.Tensor, timestep: float | torch.Tensor | None = None) -> torch.Tensor:

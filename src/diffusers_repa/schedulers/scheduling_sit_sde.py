@@ -10,12 +10,11 @@ from dataclasses import dataclass
 
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
-from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from ..interpolants import PATH_TYPES, PathType, velocity_to_score
-from .scheduling_utils_sit import check_num_inference_steps, sampling_dtype
+from .scheduling_utils_sit import SiTSchedulerMixin, check_num_inference_steps, sampling_dtype
 
 
 @dataclass
@@ -31,7 +30,7 @@ class SiTSDESchedulerOutput(BaseOutput):
     prev_sample_mean: torch.Tensor
 
 
-class SiTSDEScheduler(SchedulerMixin, ConfigMixin):
+class SiTSDEScheduler(SiTSchedulerMixin, ConfigMixin):
     r"""Euler–Maruyama sampler of the reverse SDE of a SiT velocity model (t = 1 noise, t = 0 data).
 
     With diffusion coefficient ``w(t) = 2t`` the reverse SDE is ``dx = [v − ½·w(t)·score] dt + √w(t) dW̄``, where the
@@ -61,6 +60,7 @@ class SiTSDEScheduler(SchedulerMixin, ConfigMixin):
         self.time_grid: torch.Tensor | None = None
         self.timesteps: torch.Tensor | None = None
         self._step_index: int | None = None
+        self._begin_index: int | None = None
 
     @property
     def step_index(self) -> int | None:
@@ -92,6 +92,7 @@ class SiTSDEScheduler(SchedulerMixin, ConfigMixin):
         self.timesteps = self.time_grid[:-1].to(device=device, dtype=sampling_dtype(device))
         self.num_inference_steps = num_inference_steps
         self._step_index = 0
+        self._begin_index = None
 
     def scale_model_input(self, sample: torch.Tensor, timestep: float | torch.Tensor | None = None) -> torch.Tensor:
         """Identity: flow models take the state unscaled (kept for interchangeability with other schedulers)."""
