@@ -67,6 +67,23 @@ def test_export_then_reimport_is_lossless(tmp_path):
     assert_same_state(again.state_dict(), model.state_dict())
 
 
+def test_fused_qkv_is_split_into_diffusers_projections():
+    converted = convert_repa_state_dict(OFFICIAL)
+    for kind in ("weight", "bias"):
+        fused = OFFICIAL[f"blocks.1.attn.qkv.{kind}"]
+        split = [converted[f"transformer_blocks.1.attn.to_{name}.{kind}"] for name in "qkv"]
+        torch.testing.assert_close(torch.cat(split), fused, rtol=0, atol=0)  # rows [q; k; v]
+        assert len({tensor.data_ptr() for tensor in split}) == 3  # no shared storage: safetensors can save them
+        assert converted[f"transformer_blocks.1.attn.to_out.0.{kind}"] is OFFICIAL[f"blocks.1.attn.proj.{kind}"]
+    assert not any("to_qkv" in key for key in converted)
+
+
+def test_a_model_with_fused_projections_exports_the_same_weights():
+    model = convert_repa_checkpoint(SIT_TINY / "official_state_dict.safetensors", num_heads=4, encoder_depth=2)
+    model.fuse_qkv_projections()
+    assert_same_state(export_to_repa_state_dict(model), OFFICIAL)
+
+
 def test_ddp_and_compile_prefixes_are_stripped():
     wrapped = {f"module._orig_mod.{key}": value for key, value in OFFICIAL.items()}
     assert_same_state(convert_repa_state_dict(wrapped), convert_repa_state_dict(OFFICIAL))

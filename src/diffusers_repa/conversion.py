@@ -21,7 +21,13 @@ from typing import Any, Literal
 import torch
 from safetensors.torch import load_file
 
-from .models.transformer_sit import SIT_SIZES, SiTTransformer2DModel, get_2d_sincos_pos_embed, parse_sit_preset
+from .models.transformer_sit import (
+    SIT_SIZES,
+    SiTTransformer2DModel,
+    convert_legacy_attention_keys,
+    get_2d_sincos_pos_embed,
+    parse_sit_preset,
+)
 
 # Original name prefix -> our name prefix; "{i}" stands for a block index.
 _NAME_PAIRS: list[tuple[str, str]] = [
@@ -29,8 +35,9 @@ _NAME_PAIRS: list[tuple[str, str]] = [
     ("t_embedder.mlp.0.", "time_embed.linear_1."),
     ("t_embedder.mlp.2.", "time_embed.linear_2."),
     ("y_embedder.embedding_table.", "class_embed.embedding_table."),
+    # The fused qkv is split into to_q / to_k / to_v after renaming (rows [q; k; v]), and re-fused on export.
     ("blocks.{i}.attn.qkv.", "transformer_blocks.{i}.attn.to_qkv."),
-    ("blocks.{i}.attn.proj.", "transformer_blocks.{i}.attn.to_out."),
+    ("blocks.{i}.attn.proj.", "transformer_blocks.{i}.attn.to_out.0."),
     ("blocks.{i}.attn.q_norm.", "transformer_blocks.{i}.attn.norm_q."),
     ("blocks.{i}.attn.k_norm.", "transformer_blocks.{i}.attn.norm_k."),
     ("blocks.{i}.mlp.fc1.", "transformer_blocks.{i}.ff.net.0.proj."),
@@ -41,6 +48,7 @@ _NAME_PAIRS: list[tuple[str, str]] = [
     ("projectors.", "projectors."),
 ]
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+_QUERY_KEY = re.compile(r"^(?P<path>.+\.attn\.)to_q\.(?P<rest>.+)$")
 
 
 def _prefix_pattern(prefix: str) -> re.Pattern:
@@ -90,13 +98,29 @@ def convert_repa_state_dict(original: dict[str, torch.Tensor]) -> dict[str, torc
         raise ValueError(
             f"Not an original REPA/SiT state dict: unexpected keys {unknown[:5]}{' ...' if len(unknown) > 5 else ''}."
         )
-    return converted
+    return convert_legacy_attention_keys(converted)
+
+
+def _fuse_qkv(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``attn.to_q/to_k/to_v.*`` → one ``attn.to_qkv.*`` with rows [q; k; v], the original's fused layout.
+
+    A model in `fuse_qkv_projections` mode already holds ``to_qkv``: the same concatenation, so it is overwritten.
+    """
+    fused = dict(state_dict)
+    for key in state_dict:
+        match = _QUERY_KEY.match(key)
+        if match is None:
+            continue
+        path, rest = match["path"], match["rest"]
+        parts = [fused.pop(f"{path}to_{name}.{rest}") for name in "qkv"]
+        fused[f"{path}to_qkv.{rest}"] = torch.cat(parts)
+    return fused
 
 
 def export_to_repa_state_dict(model: SiTTransformer2DModel) -> dict[str, torch.Tensor]:
     """The model's weights under the original REPA key names (with ``pos_embed``), loadable by the original code."""
     exported = {}
-    for key, tensor in model.state_dict().items():
+    for key, tensor in _fuse_qkv(model.state_dict()).items():
         original_key = _rename(key, _TO_ORIGINAL)
         if original_key is None:
             raise ValueError(f"No original REPA name for parameter {key!r}.")

@@ -1,3 +1,9 @@
-from .transformer_sit import SIT_PRESETS, SiTTransformer2DModel, SiTTransformer2DModelOutput
+from .transformer_sit import (
+    SIT_PRESETS,
+    SiTAttention,
+    SiTAttnProcessor,
+    SiTTransformer2DModel,
+    SiTTransformer2DModelOutput,
+)
 
-__all__ = ["SIT_PRESETS", "SiTTransformer2DModel", "SiTTransformer2DModelOutput"]
+__all__ = ["SIT_PRESETS", "SiTAttention", "SiTAttnProcessor", "SiTTransformer2DModel", "SiTTransformer2DModelOutput"]

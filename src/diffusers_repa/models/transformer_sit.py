@@ -10,6 +10,7 @@ embedding unscaled; the class id ``num_classes`` is the null (unconditional) cla
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,7 +18,8 @@ import torch
 import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.loaders import PeftAdapterMixin
-from diffusers.models.attention import FeedForward
+from diffusers.models.attention import AttentionMixin, AttentionModuleMixin, FeedForward
+from diffusers.models.attention_dispatch import AttentionBackendName, dispatch_attention_fn
 from diffusers.models.embeddings import LabelEmbedding, TimestepEmbedding, Timesteps
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import BaseOutput
@@ -96,26 +98,128 @@ def _modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torc
     return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
 
 
-class SiTAttention(nn.Module):
-    """Multi-head self-attention with a fused qkv projection (rows ordered [q; k; v]) and optional qk-norm."""
+# Attention weights saved before SiT used diffusers' projection names: a fused `to_qkv` (rows [q; k; v]) and an
+# un-indexed `to_out` (peft adapters of those layers included).
+_LEGACY_ATTENTION_KEY = re.compile(r"^(?P<path>(?:.+\.)?attn\.)to_(?P<layer>qkv|out)\.(?P<rest>(?!\d).+)$")
 
-    def __init__(self, dim: int, num_heads: int, qk_norm: bool = False):
+
+def convert_legacy_attention_keys(state_dict: dict[str, torch.Tensor], prefix: str = "") -> dict[str, torch.Tensor]:
+    """Rename, in place, the attention weights of checkpoints written before SiT used diffusers' names.
+
+    ``attn.to_qkv.*`` is split row-wise into ``attn.to_q.*``, ``attn.to_k.*`` and ``attn.to_v.*`` (exactly: the fused
+    rows are [q; k; v]) and ``attn.to_out.*`` becomes ``attn.to_out.0.*``. LoRA weights follow the same rule, except
+    that a fused layer's ``lora_A`` (its input side) is shared by the three projections and so copied to each. Only
+    keys starting with ``prefix`` are touched; a key whose new name is already present is left as it is.
+
+    Returns:
+        The same dict, for chaining.
+    """
+    for key in [key for key in state_dict if key.startswith(prefix)]:
+        match = _LEGACY_ATTENTION_KEY.match(key)
+        if match is None:
+            continue
+        path, rest = match["path"], match["rest"]
+        if match["layer"] == "out":
+            if f"{path}to_out.0.{rest}" not in state_dict:
+                state_dict[f"{path}to_out.0.{rest}"] = state_dict.pop(key)
+            continue
+        new_keys = [f"{path}to_{name}.{rest}" for name in "qkv"]
+        if any(new_key in state_dict for new_key in new_keys):
+            continue
+        tensor = state_dict.pop(key)
+        # Clones, so that the three projections never share storage (safetensors refuses to save shared tensors).
+        parts = [tensor] * 3 if rest.startswith("lora_A.") else tensor.chunk(3, dim=0)
+        for new_key, part in zip(new_keys, parts):
+            state_dict[new_key] = part.clone()
+    return state_dict
+
+
+class SiTAttnProcessor:
+    """SiT's self-attention through diffusers' attention dispatcher.
+
+    The backend is whatever ``set_attention_backend`` chose (default: PyTorch's ``scaled_dot_product_attention``,
+    which picks flash / memory-efficient kernels on GPU).
+    """
+
+    _attention_backend = None
+    _parallel_config = None
+
+    def __call__(self, attn: SiTAttention, hidden_states: torch.Tensor) -> torch.Tensor:
+        if attn.fused_projections:
+            query, key, value = attn.to_qkv(hidden_states).chunk(3, dim=-1)
+        else:
+            query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+        # (N, tokens, heads, head_dim): the dispatcher's layout.
+        query = attn.norm_q(query.unflatten(-1, (attn.heads, -1)))
+        key = attn.norm_k(key.unflatten(-1, (attn.heads, -1)))
+        value = value.unflatten(-1, (attn.heads, -1))
+        hidden_states = dispatch_attention_fn(
+            query, key, value, backend=self._attention_backend, parallel_config=self._parallel_config
+        )
+        hidden_states = hidden_states.flatten(2, 3).to(query.dtype)
+        return attn.to_out[1](attn.to_out[0](hidden_states))
+
+
+class SiTAttention(nn.Module, AttentionModuleMixin):
+    """Multi-head self-attention with optional qk-norm, in the layout of diffusers' attention modules.
+
+    The projections are ``to_q``, ``to_k``, ``to_v`` and ``to_out.0`` (the original's fused ``qkv`` split row-wise,
+    and ``proj``), so that diffusers' LoRA target names, attention processors and backends, and
+    ``fuse_projections`` apply. Weights saved under the former names (``to_qkv``, ``to_out``) still load.
+    """
+
+    _default_processor_cls = SiTAttnProcessor
+    _available_processors = [SiTAttnProcessor]
+
+    def __init__(self, dim: int, num_heads: int, qk_norm: bool = False, processor: SiTAttnProcessor | None = None):
         super().__init__()
-        self.num_heads = num_heads
+        self.heads = num_heads
         self.head_dim = dim // num_heads
-        self.to_qkv = nn.Linear(dim, 3 * dim)
+        self.inner_dim = dim
+        self.use_bias = True  # read by AttentionModuleMixin.fuse_projections
+        self.to_q = nn.Linear(dim, dim)
+        self.to_k = nn.Linear(dim, dim)
+        self.to_v = nn.Linear(dim, dim)
         self.norm_q = nn.LayerNorm(self.head_dim) if qk_norm else nn.Identity()
         self.norm_k = nn.LayerNorm(self.head_dim) if qk_norm else nn.Identity()
-        self.to_out = nn.Linear(dim, dim)
+        # diffusers' layout: the output projection, then dropout (none in SiT).
+        self.to_out = nn.ModuleList([nn.Linear(dim, dim), nn.Dropout(0.0)])
+        self.set_processor(processor or self._default_processor_cls())
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        batch, tokens, dim = hidden_states.shape
-        qkv = self.to_qkv(hidden_states).view(batch, tokens, 3, self.num_heads, self.head_dim)
-        query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-        query, key = self.norm_q(query), self.norm_k(key)
-        # SDPA picks flash / memory-efficient kernels on GPU.
-        out = F.scaled_dot_product_attention(query, key, value)
-        return self.to_out(out.transpose(1, 2).reshape(batch, tokens, dim))
+        return self.processor(self, hidden_states)
+
+    def set_use_memory_efficient_attention_xformers(
+        self, use_memory_efficient_attention_xformers: bool, attention_op: Callable | None = None
+    ) -> None:
+        """Enable xFormers (see diffusers' `AttentionModuleMixin`); disabling goes back to the default backend.
+
+        diffusers' own method leaves the xFormers backend in place when asked to disable it.
+        """
+        if use_memory_efficient_attention_xformers:
+            super().set_use_memory_efficient_attention_xformers(True, attention_op)
+        elif self.processor._attention_backend == AttentionBackendName.XFORMERS:
+            self.processor._attention_backend = None
+
+    def set_attention_slice(self, slice_size: int | None) -> None:
+        """Sliced attention does not exist for SiT: only ``None`` (no slicing) is accepted.
+
+        Raises:
+            NotImplementedError: for any slice size; pick a memory-efficient kernel with ``set_attention_backend``.
+        """
+        if slice_size is not None:
+            raise NotImplementedError(
+                "SiT has no sliced attention: its attention runs through diffusers' attention dispatcher, whose "
+                "default (PyTorch SDPA) already uses memory-efficient kernels. Choose a kernel with "
+                "`set_attention_backend(...)` instead."
+            )
+
+    def _load_from_state_dict(self, state_dict: dict[str, torch.Tensor], prefix: str, *args, **kwargs) -> None:
+        # `load_state_dict` of a checkpoint with the former names (`from_pretrained` renames them earlier, see
+        # `SiTTransformer2DModel._fix_state_dict_keys_on_load`). A fused module owns `to_qkv` itself.
+        if not self.fused_projections:
+            convert_legacy_attention_keys(state_dict, prefix)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
 class SiTBlock(nn.Module):
@@ -149,7 +253,7 @@ def _build_projector(hidden_size: int, projector_dim: int, projection_dim: int) 
     )
 
 
-class SiTTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
+class SiTTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, AttentionMixin):
     r"""Class-conditional SiT velocity model with REPA projectors.
 
     Args:
@@ -234,6 +338,12 @@ class SiTTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
             if isinstance(module, nn.Linear):
                 nn.init.xavier_uniform_(module.weight)
                 nn.init.zeros_(module.bias)
+            if isinstance(module, SiTAttention):
+                # The original initialises one fused (3·dim, dim) qkv matrix: its bound for all three projections.
+                fused = torch.empty(3 * module.inner_dim, module.inner_dim)
+                nn.init.xavier_uniform_(fused)
+                for layer, part in zip((module.to_q, module.to_k, module.to_v), fused.chunk(3)):
+                    layer.weight.data.copy_(part)
         weight = self.patch_embed.weight.data
         nn.init.xavier_uniform_(weight.view(weight.shape[0], -1))
         nn.init.zeros_(self.patch_embed.bias)
@@ -243,6 +353,18 @@ class SiTTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin):
         for layer in [block.adaln_modulation for block in self.transformer_blocks] + [self.adaln_out, self.proj_out]:
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
+
+    def _fix_state_dict_keys_on_load(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """`from_pretrained` hook: also renames the attention weights of folders saved with the former names."""
+        super()._fix_state_dict_keys_on_load(state_dict)
+        return convert_legacy_attention_keys(state_dict)
+
+    def set_attention_slice(self, slice_size: int | None) -> None:
+        """Called by a pipeline's `enable_attention_slicing`: SiT has none, so any slice size raises (see
+        [`SiTAttention.set_attention_slice`]); ``None`` (`disable_attention_slicing`) is accepted."""
+        for module in self.modules():
+            if isinstance(module, SiTAttention):
+                module.set_attention_slice(slice_size)
 
     @property
     def num_tokens(self) -> int:

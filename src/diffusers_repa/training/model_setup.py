@@ -10,8 +10,9 @@ from ..data import LatentCacheInfo
 from ..models.transformer_sit import SiTTransformer2DModel, parse_sit_preset
 from .arguments import REPATrainingArguments
 
-# LoRA goes on the attention and MLP linears of every block (names relative to a SiTBlock).
-LORA_TARGET_MODULES = ["attn.to_qkv", "attn.to_out", "ff.net.0.proj", "ff.net.2"]
+# LoRA goes on the attention and MLP linears of every block (names relative to a SiTBlock; the attention ones are
+# diffusers' standard projection names).
+LORA_TARGET_MODULES = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "ff.net.0.proj", "ff.net.2"]
 
 
 def resolve_encoder_depth(args: REPATrainingArguments) -> int:
