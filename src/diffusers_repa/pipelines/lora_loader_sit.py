@@ -9,6 +9,40 @@ from pathlib import Path
 import torch
 from diffusers.loaders.lora_base import LORA_WEIGHT_NAME_SAFE, LoraBaseMixin, _fetch_state_dict
 
+from ..models.transformer_sit import convert_legacy_attention_keys
+
+
+def _legacy_target_names(name: str) -> list[str]:
+    """A LoRA target of the former attention layout under the current names (others unchanged).
+
+    ``to_qkv`` (fused) became ``to_q``, ``to_k``, ``to_v``; ``to_out`` became ``to_out.0``.
+    """
+    head, _, last = name.rpartition(".")
+    head = f"{head}." if head else ""
+    if last == "to_qkv":
+        return [f"{head}to_{projection}" for projection in "qkv"]
+    if last == "to_out":
+        return [f"{name}.0"]
+    return [name]
+
+
+def _convert_legacy_lora_metadata(metadata: dict, prefix: str) -> dict:
+    """Rewrite the target modules and per-module rank / alpha patterns of an adapter saved for the former layout.
+
+    A regular-expression ``target_modules`` (a string) is left as it is.
+    """
+    metadata = dict(metadata)
+    targets = metadata.get(f"{prefix}target_modules")
+    if isinstance(targets, (list, tuple, set)):
+        metadata[f"{prefix}target_modules"] = [new for name in targets for new in _legacy_target_names(name)]
+    for field in ("rank_pattern", "alpha_pattern"):
+        pattern = metadata.get(f"{prefix}{field}")
+        if pattern:
+            metadata[f"{prefix}{field}"] = {
+                new: value for name, value in pattern.items() for new in _legacy_target_names(name)
+            }
+    return metadata
+
 
 class SiTLoraLoaderMixin(LoraBaseMixin):
     r"""Load and save LoRA adapters of the pipeline's [`SiTTransformer2DModel`] (safetensors only).
@@ -16,7 +50,8 @@ class SiTLoraLoaderMixin(LoraBaseMixin):
     A LoRA file holds peft adapter weights under the prefix ``transformer.`` (as written by `save_lora_weights`);
     a bare ``get_peft_model_state_dict(transformer)`` dict without the prefix is accepted too. Adapter metadata (rank,
     alpha, target modules) stored by `save_lora_weights` is restored; without it the rank is read from the weights
-    and alpha defaults to the rank.
+    and alpha defaults to the rank. Adapters of the former attention layout (a fused ``attn.to_qkv`` and an
+    ``attn.to_out`` without index) are converted to ``to_q``/``to_k``/``to_v``/``to_out.0`` on loading, exactly.
     """
 
     _lora_loadable_modules = ["transformer"]
@@ -61,6 +96,9 @@ class SiTLoraLoaderMixin(LoraBaseMixin):
             state_dict = {prefix + key: value for key, value in state_dict.items()}
         if metadata and not any(key.startswith(prefix) for key in metadata):
             metadata = {prefix + key: value for key, value in metadata.items()}
+        state_dict = convert_legacy_attention_keys(dict(state_dict))
+        if metadata:
+            metadata = _convert_legacy_lora_metadata(metadata, prefix)
         return (state_dict, metadata) if return_lora_metadata else state_dict
 
     def load_lora_weights(
