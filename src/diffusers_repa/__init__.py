@@ -13,7 +13,18 @@ _LAZY_EXPORTS = {
     "schedulers": ["SiTODEScheduler", "SiTODESchedulerOutput", "SiTSDEScheduler", "SiTSDESchedulerOutput"],
     "pipelines": ["SiTLoraLoaderMixin", "SiTPipeline", "imagenet_id2label"],
     "conversion": ["convert_repa_checkpoint", "export_to_repa_state_dict"],
+    "models.transformer_mmdit": ["MMDiTTransformer2DModel", "MMDiTTransformer2DModelOutput"],
+    "conversion_mmdit": ["convert_mmdit_checkpoint", "convert_mmdit_state_dict", "export_to_mmdit_state_dict"],
     "losses": ["REPALossOutput", "projection_loss", "repa_loss"],
+    "ddpm_losses": [
+        "DDPMLossTerms",
+        "DDPMREPALossOutput",
+        "DDPMSchedule",
+        "improved_ddpm_loss",
+        "improved_ddpm_repa_loss",
+        "sample_ddpm_inputs",
+    ],
+    "repa_head": ["REPAHead"],
     "encoders": [
         "ENCODER_ALIASES",
         "FrozenVisionEncoder",
