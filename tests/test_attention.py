@@ -1,6 +1,8 @@
 """SiT attention through diffusers' attention machinery: backends, processors, fused projections, LoRA target names,
 checkpoints and adapters of the former layout, xFormers and attention slicing."""
 
+import importlib.util
+
 import pytest
 import torch
 from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry
@@ -16,6 +18,8 @@ from .conftest import SIT_TINY, load_reference
 
 # The backends of diffusers 0.42 that run on a CPU; the others need CUDA, a missing package or other hardware.
 CPU_BACKENDS = ["native", "_native_math", "_native_flash", "flex"]
+# Checked on a CUDA machine only (PyTorch's own kernels, then those of optional packages: skipped when absent).
+GPU_BACKENDS = ["_native_cudnn", "_native_efficient", "_native_flash", "flash", "_flash_3", "sage", "xformers"]
 
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
@@ -78,12 +82,35 @@ def test_cpu_backends_give_the_default_output(backend, default_velocity):
     assert {p._attention_backend for p in model.attn_processors.values()} == {None}
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_gpu_backends_match_float32_attention(backend):
+    # SiT-XL's head size (72 = 1152 / 16), bfloat16 as in sampling; non-zero adaLN and output layers.
+    torch.manual_seed(0)
+    model = SiTTransformer2DModel(
+        sample_size=16, hidden_size=1152, depth=2, num_attention_heads=16, encoder_depth=1, projection_dims=()
+    )
+    for param in model.parameters():
+        torch.nn.init.normal_(param, std=0.02)
+    model = model.cuda().eval()
+    x, t, y = torch.randn(4, 4, 16, 16, device="cuda"), torch.rand(4, device="cuda"), torch.arange(4, device="cuda")
+    with torch.no_grad():
+        expected = model(x, t, y).sample
+        model.to(torch.bfloat16)
+        try:
+            model.set_attention_backend(backend)
+        except RuntimeError as error:  # the backend's package is not installed
+            pytest.skip(str(error))
+        actual = model(x.bfloat16(), t, y).sample
+    assert relative_error(actual, expected) <= 3e-2
+
+
 def test_unknown_and_unavailable_backends_are_clear_errors():
     model = tiny_sit()
     with pytest.raises(ValueError, match="must be one of the following"):
         model.set_attention_backend("fastest")
-    with pytest.raises(RuntimeError, match="xformers"):  # not installed here
-        model.set_attention_backend("xformers")
+    with pytest.raises(RuntimeError, match="torch_npu"):  # a backend whose package is missing
+        model.set_attention_backend("_native_npu")
 
 
 def test_attention_processors_round_trip(default_velocity):
@@ -223,6 +250,9 @@ def test_peft_state_dict_uses_the_new_names():
     assert not any("to_qkv" in key for key in keys)
 
 
+@pytest.mark.skipif(
+    torch.cuda.is_available() and importlib.util.find_spec("xformers") is not None, reason="xFormers can run here"
+)
 def test_xformers_without_xformers_or_cuda_is_a_clear_error():
     model = tiny_sit()
     # diffusers' behaviour: ModuleNotFoundError without the package, ValueError without CUDA.
