@@ -32,6 +32,8 @@ def test_schedule_matches_dit(reference):
     # DiT's SpacedDiffusion re-derives β from ᾱ even without respacing: equal up to float64 rounding.
     for name in ("betas", "alphas_cumprod", "posterior_log_variance_clipped"):
         assert _relative_error(getattr(schedule, name), reference[name]) < 1e-11, name
+    moved = schedule.to("meta")
+    assert moved.betas.device.type == "meta" and moved.betas.dtype == torch.float64
     assert q_sample(reference["x_start"], reference["t"], reference["noise"], schedule).equal(reference["x_t"])
 
 

@@ -146,6 +146,28 @@ def test_sd3_last_block_has_no_context_output():
     assert captured.hidden_states.shape == (BATCH, 16, WIDTH)
 
 
+def test_gradient_checkpointing_and_wrappers():
+    """With gradient checkpointing (the block recomputed in backward, after the context) and through a DDP-style
+    `.module` wrapper, the head sees the same tokens and the transformer gets the same gradients."""
+    grads = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model, inputs = _dit()
+        model.eval()
+        if checkpointing:
+            model.enable_gradient_checkpointing()
+        wrapper = torch.nn.Module()
+        wrapper.module = model
+        head = REPAHead.for_transformer(wrapper, projection_dims=(12,), encoder_depth=2, projector_dim=20)
+        with torch.enable_grad(), head.capture(wrapper) as captured:
+            model(**inputs)
+        projections = head(captured.hidden_states)
+        projection_loss([torch.ones_like(projections[0])], projections).backward()
+        grads.append(model.transformer_blocks[0].attn1.to_q.weight.grad)
+    assert grads[0].abs().sum() > 0
+    torch.testing.assert_close(grads[0], grads[1])
+
+
 def test_flux_single_stream_blocks():
     model, inputs = _flux()
     head = REPAHead.for_transformer(

@@ -24,7 +24,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING
 
 import torch
@@ -81,6 +81,10 @@ class DDPMSchedule:
     @property
     def num_timesteps(self) -> int:
         return self.betas.numel()
+
+    def to(self, device: torch.device | str) -> DDPMSchedule:
+        """The same schedule (still float64) on `device`, so that no step copies it there again."""
+        return DDPMSchedule(**{field.name: getattr(self, field.name).to(device) for field in fields(self)})
 
 
 def _gather(coefficients: torch.Tensor, t: torch.Tensor, ndim: int) -> torch.Tensor:

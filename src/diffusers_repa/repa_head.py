@@ -48,8 +48,15 @@ KNOWN_TRANSFORMERS: dict[str, tuple[str, int | None]] = {
 def _unwrap(model: nn.Module) -> nn.Module:
     """The model inside DDP (`.module`) and `torch.compile` (`._orig_mod`) wrappers."""
     while True:
-        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
-        if not isinstance(inner, nn.Module):
+        inner = next(
+            (
+                getattr(model, name)
+                for name in ("module", "_orig_mod")
+                if isinstance(getattr(model, name, None), nn.Module)
+            ),
+            None,
+        )
+        if inner is None:
             return model
         model = inner
 
