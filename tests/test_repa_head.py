@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from diffusers_repa import SiTTransformer2DModel
 from diffusers_repa.ddpm_losses import improved_ddpm_repa_loss
 from diffusers_repa.losses import projection_loss
-from diffusers_repa.repa_head import REPAHead
+from diffusers_repa.repa_head import REPAHead, TransformerWithREPAHead
 
 BATCH, WIDTH, DEPTH = 2, 16, 3  # tokens are WIDTH = 2 heads × 8 wide; every model has DEPTH blocks
 
@@ -221,28 +221,51 @@ def test_errors_name_the_fix():
         head(None)
 
 
+def test_wrapper_returns_sample_and_projections():
+    torch.manual_seed(0)
+    model, inputs = _pixart()
+    model.eval()
+    head = REPAHead.for_transformer(model, projection_dims=(12,), encoder_depth=2, projector_dim=20)
+    wrapped = TransformerWithREPAHead(model, head)
+    assert {name for name, _ in wrapped.named_children()} == {"transformer", "head"}
+    sample, projections = wrapped(**inputs, return_dict=True)
+    with head.capture(model) as captured:
+        reference = model(**inputs).sample
+    assert torch.equal(sample, reference)
+    assert torch.equal(projections[0], head(captured.hidden_states)[0])
+    sample, projections = wrapped(**inputs, return_projections=False)
+    assert torch.equal(sample, reference) and projections == ()
+    with pytest.raises(ValueError, match="exceeds"):
+        TransformerWithREPAHead(model, REPAHead(hidden_size=WIDTH, projection_dims=(12,), encoder_depth=9))
+
+
 def test_tiny_dit_repa_step():
     """DiT (learned sigma) + REPAHead: hybrid DDPM loss + λ·alignment, one AdamW step; everything trains."""
     torch.manual_seed(0)
-    model, inputs = _dit()
-    model.train()
-    head = REPAHead.for_transformer(model, projection_dims=(12,), encoder_depth=2, projector_dim=20)
+    transformer, inputs = _dit()
+    head = REPAHead.for_transformer(transformer, projection_dims=(12,), encoder_depth=2, projector_dim=20)
+    model = TransformerWithREPAHead(transformer, head).train()
     latents, labels = inputs["hidden_states"], inputs["class_labels"]
     targets = [torch.randn(BATCH, 16, 12)]
-    optimizer = torch.optim.AdamW([*model.parameters(), *head.parameters()], lr=1e-3)
-    before = {name: p.detach().clone() for name, p in [*model.named_parameters(), *head.named_parameters("head")]}
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
 
     out = improved_ddpm_repa_loss(
-        model, latents, labels, targets, head, proj_coeff=0.5, generator=torch.Generator().manual_seed(0)
+        model, latents, labels, targets, proj_coeff=0.5, generator=torch.Generator().manual_seed(0)
     )
     assert out.denoising_loss.shape == out.mse.shape == out.vb.shape == (BATCH,)
     assert torch.isfinite(out.loss) and -1 <= out.projection_loss.item() <= 1
     torch.testing.assert_close(out.loss, out.denoising_loss.mean() + 0.5 * out.projection_loss)
     out.loss.backward()
-    assert all(_block_has_grad(block) for block in model.transformer_blocks)
+    assert all(_block_has_grad(block) for block in transformer.transformer_blocks)
     assert all(_block_has_grad(projector) for projector in head.projectors)
-    assert all(torch.isfinite(p.grad).all() for p in [*model.parameters(), *head.parameters()] if p.grad is not None)
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
     optimizer.step()
-    after = dict([*model.named_parameters(), *head.named_parameters("head")])
+    after = dict(model.named_parameters())
     changed = {name for name, value in before.items() if not torch.equal(after[name], value)}
-    assert {"proj_out_2.weight", "transformer_blocks.0.attn1.to_q.weight", "head.projectors.0.4.weight"} <= changed
+    expected = {"transformer.proj_out_2.weight", "transformer.transformer_blocks.0.attn1.to_q.weight"}
+    assert expected | {"head.projectors.0.4.weight"} <= changed
+
+    # Vanilla DiT (no targets): the plain transformer, no projectors involved.
+    plain = improved_ddpm_repa_loss(transformer, latents, labels, generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(plain.loss) and plain.projection_loss.item() == 0

@@ -24,7 +24,7 @@ _LAZY_EXPORTS = {
         "improved_ddpm_repa_loss",
         "sample_ddpm_inputs",
     ],
-    "repa_head": ["REPAHead"],
+    "repa_head": ["REPAHead", "TransformerWithREPAHead"],
     "encoders": [
         "ENCODER_ALIASES",
         "FrozenVisionEncoder",

@@ -21,18 +21,13 @@ model output, so the loss is computed in float32 whatever the autocast dtype of 
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
-from typing import TYPE_CHECKING
 
 import torch
 
 from .losses import REPALossOutput, projection_loss
-
-if TYPE_CHECKING:
-    from .repa_head import REPAHead
 
 DDPM_NUM_TIMESTEPS = 1000
 
@@ -232,7 +227,6 @@ def improved_ddpm_repa_loss(
     latents: torch.Tensor,
     class_labels: torch.Tensor,
     targets: Sequence[torch.Tensor] = (),
-    head: REPAHead | None = None,
     *,
     proj_coeff: float = 0.5,
     t: torch.Tensor | None = None,
@@ -240,18 +234,20 @@ def improved_ddpm_repa_loss(
     generator: torch.Generator | None = None,
     schedule: DDPMSchedule | None = None,
 ) -> DDPMREPALossOutput:
-    """One evaluation of DiT's objective plus λ · REPA alignment through a [`REPAHead`], on clean latents.
+    """One evaluation of DiT's objective plus λ · REPA alignment, on clean latents.
 
-    loss = mean_n (mse + vb) + proj_coeff · projection_loss(targets, head(tokens after block encoder_depth)).
+    loss = mean_n (mse + vb) + proj_coeff · projection_loss(targets, projections of the tokens after block k).
 
     Args:
         model: a class-conditional ε-and-variance transformer called as ``model(x_t, timestep=t,
-            class_labels=class_labels, return_dict=False)[0]`` → (N, 2C, H, W), e.g. diffusers'
-            `DiTTransformer2DModel` with ``out_channels = 2 · in_channels`` (its timestep is the integer step).
+            class_labels=class_labels, return_dict=False)`` whose first output is (N, 2C, H, W), e.g. diffusers'
+            `DiTTransformer2DModel` with ``out_channels = 2 · in_channels`` (its timestep is the integer step). When
+            aligning it is also passed ``return_projections=True`` and must return ``(sample, projections)``: wrap a
+            plain transformer in [`TransformerWithREPAHead`].
         latents: clean, scaled latents x_0 (N, C, H, W). class_labels: (N,) ids.
-        targets: encoder features of the clean images, one (N, T, D_k) tensor per projector of `head`; empty (or
-            ``proj_coeff == 0`` or no head) skips the alignment term and the hook.
-        t, noise: fixed steps (N,) and noise (default: `sample_ddpm_inputs` with `generator`).
+        targets: encoder features of the clean images, one (N, T, D_k) tensor per projector; empty (or
+            ``proj_coeff == 0``) skips the alignment term and the projectors.
+        t, noise: fixed steps (N,) and noise (default: `sample_ddpm_inputs` with `generator`: t, then ε).
         schedule: the diffusion (default: DiT's linear 1000-step schedule).
     """
     schedule = DDPMSchedule.linear() if schedule is None else schedule
@@ -261,12 +257,14 @@ def improved_ddpm_repa_loss(
         noise = drawn_noise if noise is None else noise
     t = t.to(latents.device)
     x_t = q_sample(latents.float(), t, noise.float(), schedule).to(latents.dtype)
-    align = bool(targets) and proj_coeff != 0 and head is not None
-    capture = head.capture(model) if align else contextlib.nullcontext()
-    with capture as captured:
+    align = bool(targets) and proj_coeff != 0
+    if align:
+        output = model(x_t, timestep=t, class_labels=class_labels, return_projections=True, return_dict=False)
+        model_output, projections = output[:2]
+    else:  # a plain diffusers transformer knows no return_projections
         model_output = model(x_t, timestep=t, class_labels=class_labels, return_dict=False)[0]
     terms = improved_ddpm_loss(model_output, latents, t, noise, schedule)
-    alignment = projection_loss(targets, head(captured.hidden_states)) if align else terms.loss.new_zeros(())
+    alignment = projection_loss(targets, projections) if align else terms.loss.new_zeros(())
     return DDPMREPALossOutput(
         loss=terms.loss.mean() + proj_coeff * alignment,
         denoising_loss=terms.loss,

@@ -13,6 +13,9 @@ with head.capture(transformer) as captured:
 loss = denoising + proj_coeff * projection_loss(targets, head(captured.hidden_states))
 ```
 
+For a training step that handles one model, [`TransformerWithREPAHead`] puts both in one module whose call returns
+``(sample, projections)`` like `SiTTransformer2DModel(..., return_dict=False)`.
+
 Captured tokens are (N, T, D): the image stream only (SD3's and Flux's blocks return ``(encoder_hidden_states,
 hidden_states)``, `output_index` picks the image one), in the transformer's own token order, which for the patch
 embeddings of DiT, PixArt, Sana and SD3 (and Flux's packed latents) is the row-major patch grid, as REPA's encoder
@@ -207,3 +210,38 @@ class REPAHead(ModelMixin, ConfigMixin):
         if hidden_states is None:
             raise ValueError("No tokens were captured: run the transformer inside `head.capture(transformer)`.")
         return tuple(projector(hidden_states) for projector in self.projectors)
+
+
+class TransformerWithREPAHead(nn.Module):
+    """A transformer and its [`REPAHead`] as one module, with SiT's training interface.
+
+    What a training step that handles one model prepares (DDP/FSDP), clips, checkpoints and hands to the optimizer:
+    the head is used inside `forward`, so distributed wrappers reduce its gradients like the transformer's. Export
+    the parts separately: ``transformer.save_pretrained(...)`` into the pipeline, ``head.save_pretrained(...)``
+    beside it.
+
+    Args:
+        transformer: any transformer the head can hook (see [`REPAHead`]).
+        head: its projectors.
+    """
+
+    def __init__(self, transformer: nn.Module, head: REPAHead):
+        super().__init__()
+        head.hooked_block(transformer)  # a depth beyond the block list fails here, not at the first step
+        self.transformer = transformer
+        self.head = head
+
+    def forward(
+        self, *args, return_projections: bool = True, **kwargs
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        """``transformer(*args, **kwargs)`` as the tuple ``(sample, projections)`` (SiT's ``return_dict=False``).
+
+        `projections` holds one (N, T, projection_dims[k]) tensor per target, or is empty when
+        ``return_projections=False`` (then no hook is registered). A `return_dict` argument is ignored.
+        """
+        kwargs["return_dict"] = False
+        if not return_projections:
+            return self.transformer(*args, **kwargs)[0], ()
+        with self.head.capture(self.transformer) as captured:
+            sample = self.transformer(*args, **kwargs)[0]
+        return sample, self.head(captured.hidden_states)
