@@ -357,6 +357,22 @@ def test_lora_on_both_streams_and_its_scale():
     torch.testing.assert_close(scaled_off, base, rtol=1e-5, atol=1e-6)
 
 
+def test_fused_qkv_projections_match_and_export_unchanged():
+    reference = load_mmdit_reference("forward")
+    fused = convert_mmdit_checkpoint(OFFICIAL_PATH, encoder_depth=1).eval()
+    keys = set(fused.state_dict())
+    fused.fuse_qkv_projections()
+    assert {type(processor).__name__ for processor in fused.attn_processors.values()} == {"FusedJointAttnProcessor2_0"}
+    assert "transformer_blocks.0.attn.to_added_qkv.weight" in fused.state_dict()
+    with torch.no_grad():
+        output = fused(reference["x"], reference["t"], reference["context"])
+    assert relative_error(output.sample, reference["velocity"]) <= TOLERANCE
+    assert_same_state(export_to_mmdit_state_dict(fused), OFFICIAL)
+    fused.unfuse_qkv_projections()
+    assert set(fused.state_dict()) == keys
+    assert {type(processor).__name__ for processor in fused.attn_processors.values()} == {"JointAttnProcessor2_0"}
+
+
 def test_repeated_blocks_name_the_joint_blocks():
     tiny = small_model()
     block_classes = {type(module).__name__ for module in tiny.transformer_blocks}

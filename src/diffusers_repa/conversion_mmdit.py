@@ -48,6 +48,7 @@ _NAME_PAIRS: list[tuple[str, str]] = [
 _QKV_TARGETS = {"to_qkv": ("to_q", "to_k", "to_v"), "add_qkv_proj": ("add_q_proj", "add_k_proj", "add_v_proj")}
 _FUSED_KEY = re.compile(r"^(?P<path>.+\.attn\.)(?P<fused>to_qkv|add_qkv_proj)\.(?P<rest>weight|bias)$")
 _SPLIT_KEY = re.compile(r"^(?P<path>.+\.attn\.)(?P<name>to_q|add_q_proj)\.(?P<rest>weight|bias)$")
+_FUSED_COPY = re.compile(r"\.attn\.(to_qkv|to_added_qkv)\.")
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
 
@@ -123,8 +124,12 @@ def convert_mmdit_state_dict(original: dict[str, torch.Tensor]) -> dict[str, tor
 
 
 def export_to_mmdit_state_dict(model: MMDiTTransformer2DModel) -> dict[str, torch.Tensor]:
-    """The model's weights (and position table) under the original key names, loadable by the original ``MMDiT``."""
-    state_dict = {key: tensor.detach() for key, tensor in model.state_dict().items()}
+    """The model's weights (and position table) under the original key names, loadable by the original ``MMDiT``.
+
+    A model in `fuse_qkv_projections` mode also holds fused copies (``to_qkv``, ``to_added_qkv``) of the separate
+    projections; the export is made from the separate ones.
+    """
+    state_dict = {key: tensor.detach() for key, tensor in model.state_dict().items() if not _FUSED_COPY.search(key)}
     hidden_size = model.hidden_size
     exported: dict[str, torch.Tensor] = {"pos_embed": state_dict.pop("pos_embed.pos_embed").clone()}
     for key in [key for key in state_dict if _SPLIT_KEY.match(key)]:

@@ -24,6 +24,7 @@ import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.loaders import PeftAdapterMixin
 from diffusers.models.attention import AttentionMixin, JointTransformerBlock
+from diffusers.models.attention_processor import Attention, FusedJointAttnProcessor2_0, JointAttnProcessor2_0
 from diffusers.models.embeddings import PatchEmbed, TimestepEmbedding, Timesteps
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.models.normalization import AdaLayerNormContinuous
@@ -151,6 +152,26 @@ class MMDiTTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, Attenti
     def from_depth(cls, depth: int = 24, **config) -> MMDiTTransformer2DModel:
         """The original's sizing: `depth` blocks of width 32·depth with `depth` heads (24 → the paper's model)."""
         return cls(depth=depth, num_attention_heads=depth, attention_head_dim=MMDIT_HEAD_DIM, **config)
+
+    def fuse_qkv_projections(self) -> None:
+        """One matmul for each stream's query, key and value (diffusers' `FusedJointAttnProcessor2_0`, as in SD3).
+
+        The fused layers (`to_qkv`, `to_added_qkv`) are copies made from the separate ones at this moment: fuse after
+        loading or training, and unfuse before changing the weights again.
+        """
+        for module in self.modules():
+            if isinstance(module, Attention):
+                module.fuse_projections(fuse=True)
+        self.set_attn_processor(FusedJointAttnProcessor2_0())
+
+    def unfuse_qkv_projections(self) -> None:
+        """Back to the separate projections and the default `JointAttnProcessor2_0`; the fused copies are removed
+        (they would go stale in training)."""
+        for module in self.modules():
+            if isinstance(module, Attention) and module.fused_projections:
+                del module.to_qkv, module.to_added_qkv
+                module.fused_projections = False
+        self.set_attn_processor(JointAttnProcessor2_0())
 
     @property
     def hidden_size(self) -> int:
