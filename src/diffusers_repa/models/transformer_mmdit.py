@@ -5,12 +5,14 @@ SD3 building blocks (`PatchEmbed` with a cropped position table, `JointTransform
 under SD3's parameter names; see ``conversion_mmdit.py`` for the mapping of the original names.
 
 Why not `SD3Transformer2DModel` itself: its conditioning is ``timestep embedding + PixArtAlphaTextProjection(pooled
-text vector)``, and the original has no pooled vector (a zero vector still adds the projection's biases), its forward
-exposes no block output for the projectors, and its config carries SD3-only fields. The blocks are the same modules,
-so LoRA target names and attention processors of SD3 apply unchanged.
+text vector)``, and the original has no pooled vector: with a zero vector the projection still adds its biases
+(measured: 5 % relative error on the reference velocity unless they are zeroed, and training would move them, a
+learned constant the original lacks); its forward exposes no block output for the projectors, and its config carries
+SD3-only fields. The blocks are the same modules, so SD3's LoRA target names and attention processors apply unchanged.
+Initialisation is PyTorch's default for every layer, as in the original (no adaLN-Zero, unlike SiT).
 
 Conventions: the timestep is continuous ``t`` in [0, 1] with **t = 0 data and t = 1 noise**, fed to the sinusoidal
-embedding unscaled (as the original). The text condition is a sequence of CLIP ViT-L/14 token features
+embedding unscaled (as the original; diffusers' SD3 pipeline feeds ``1000·t``). The text condition is a sequence of CLIP ViT-L/14 token features
 (N, L, joint_attention_dim); the unconditional branch of classifier-free guidance uses the features of the empty
 caption, there is no null class.
 """
