@@ -4,17 +4,17 @@ Examples:
     # 10,000 ImageNet validation crops (ADM-layout npz with labels in arr_1), SiT at t = 0.5, DINOv2-B
     python pipelines/analyze_alignment.py --pipeline sit-xl-2-repa --encoder dinov2-vit-b \\
         --images imagenet_val_256.npz --t 0.5 --output_dir alignment/
+
+A mistake (a bad value, a missing file or folder) ends with one ``analyze_alignment.py: error: ...`` line (exit
+status 2) before any model is loaded; ``--debug`` shows the traceback.
 """
 
 import argparse
+import sys
+from pathlib import Path
 
-import numpy as np
-import torch
-
-from diffusers_repa.encoders import load_encoder
-from diffusers_repa.evaluation.alignment_analysis import analyze_alignment
-from diffusers_repa.evaluation.image_io import npz_keys, open_image_set, read_npz_shape
-from diffusers_repa.pipelines.pipeline_sit import SiTPipeline
+from diffusers_repa.cli import run_cli
+from diffusers_repa.pretrained_paths import check_pretrained_source
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -33,11 +33,37 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default=None, help="default: cuda if available")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if not 0 <= args.t <= 1:
+        raise ValueError(f"--t must be a time in [0, 1] (0 data, 1 noise), got {args.t}.")
+    for flag in ("k", "batch_size"):
+        if getattr(args, flag) < 1:
+            raise ValueError(f"--{flag} must be at least 1, got {getattr(args, flag)}.")
+    if args.probe_epochs < 0:
+        raise ValueError(f"--probe_epochs must be at least 0, got {args.probe_epochs}.")
+    images = Path(args.images)
+    if not images.exists():
+        raise FileNotFoundError(f"--images {args.images} does not exist.")
+    if not images.is_dir() and images.suffix != ".npz":
+        raise ValueError(f"--images {args.images}: give an .npz file (arr_0, ADM layout) or a folder of images.")
+    if args.labels is not None and not Path(args.labels).is_file():
+        raise FileNotFoundError(f"--labels {args.labels} is not a file.")
+    if Path(args.output_dir).is_file():
+        raise NotADirectoryError(f"--output_dir {args.output_dir} is a file; give a folder.")
+    check_pretrained_source(args.pipeline)
+    return args
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    import numpy as np
+    import torch
+
+    from diffusers_repa.encoders import load_encoder
+    from diffusers_repa.evaluation.alignment_analysis import analyze_alignment
+    from diffusers_repa.evaluation.image_io import npz_keys, open_image_set, read_npz_shape
+    from diffusers_repa.pipelines.pipeline_sit import SiTPipeline
+
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     pipeline = SiTPipeline.from_pretrained(args.pipeline)
     images = open_image_set(args.images)
@@ -80,4 +106,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main))

@@ -4,16 +4,19 @@ The result loads into the original code's `SiT` (`model.load_state_dict(torch.lo
 
 Example:
     python pipelines/convert_diffusers_to_repa.py --model sit-xl-repa/transformer --output last.pt
+
+A mistake (a missing model folder, an output format other than .pt/.safetensors) ends with one
+``convert_diffusers_to_repa.py: error: ...`` line (exit status 2) before the model is loaded.
 """
 
 import argparse
+import sys
 from pathlib import Path
 
-import torch
-from safetensors.torch import save_file
+from diffusers_repa.cli import run_cli
+from diffusers_repa.pretrained_paths import check_pretrained_source
 
-from diffusers_repa.conversion import export_to_repa_state_dict
-from diffusers_repa.models import SiTTransformer2DModel
+OUTPUT_SUFFIXES = (".pt", ".pth", ".safetensors")
 
 
 def main(argv=None) -> None:
@@ -22,10 +25,23 @@ def main(argv=None) -> None:
     parser.add_argument("--subfolder", default=None, help="e.g. 'transformer' inside a pipeline folder")
     parser.add_argument("--output", required=True, help="'.pt' (torch.save) or '.safetensors'")
     args = parser.parse_args(argv)
+    output = Path(args.output)
+    if output.suffix not in OUTPUT_SUFFIXES or output.is_dir():
+        raise ValueError(f"--output {args.output}: give a file name ending in {', '.join(OUTPUT_SUFFIXES)}.")
+    # A local folder (with --subfolder inside it) must hold the model's config.json; a Hub id is left to the Hub.
+    local = Path(args.model) / (args.subfolder or "")
+    check_pretrained_source(
+        local if Path(args.model).exists() else args.model, config_name="config.json", what="model"
+    )
+    import torch
+    from safetensors.torch import save_file
+
+    from diffusers_repa.conversion import export_to_repa_state_dict
+    from diffusers_repa.models import SiTTransformer2DModel
 
     model = SiTTransformer2DModel.from_pretrained(args.model, subfolder=args.subfolder)
     state_dict = {key: value.contiguous() for key, value in export_to_repa_state_dict(model).items()}
-    output = Path(args.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
     if output.suffix == ".safetensors":
         save_file(state_dict, str(output))
     else:
@@ -34,4 +50,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main))

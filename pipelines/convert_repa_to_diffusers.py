@@ -7,15 +7,17 @@ Examples:
     python pipelines/convert_repa_to_diffusers.py --checkpoint 0400000.pt --output out --model SiT-B/2
     # a whole SiTPipeline (VAE, SDE scheduler, ImageNet class names), ready for sample.py / generate.py
     python pipelines/convert_repa_to_diffusers.py --checkpoint last.pt --output sit-xl-repa --vae stabilityai/sd-vae-ft-ema
+
+A mistake (a missing checkpoint or VAE folder, an output that is a file, a bad value) ends with one
+``convert_repa_to_diffusers.py: error: ...`` line (exit status 2) before the checkpoint is read.
 """
 
 import argparse
+import sys
+from pathlib import Path
 
-from diffusers import AutoencoderKL
-
-from diffusers_repa.conversion import convert_repa_checkpoint
-from diffusers_repa.pipelines import SiTPipeline, imagenet_id2label
-from diffusers_repa.schedulers import SiTSDEScheduler
+from diffusers_repa.cli import run_cli
+from diffusers_repa.pretrained_paths import check_pretrained_source
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -36,11 +38,27 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--path_type", choices=["linear", "cosine"], default="linear", help="the SDE scheduler's path (with --vae)"
     )
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if not Path(args.checkpoint).is_file():
+        raise FileNotFoundError(f"--checkpoint {args.checkpoint} is not a file.")
+    if Path(args.output).is_file():
+        raise NotADirectoryError(f"--output {args.output} is a file; give the folder to write.")
+    for flag in ("num_heads", "encoder_depth"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            raise ValueError(f"--{flag} must be at least 1, got {getattr(args, flag)}.")
+    if args.vae is not None:
+        check_pretrained_source(args.vae, config_name="config.json", what="VAE")
+    return args
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    from diffusers import AutoencoderKL
+
+    from diffusers_repa.conversion import convert_repa_checkpoint
+    from diffusers_repa.pipelines import SiTPipeline, imagenet_id2label
+    from diffusers_repa.schedulers import SiTSDEScheduler
+
     model = convert_repa_checkpoint(
         args.checkpoint,
         model=args.model,
@@ -65,4 +83,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main))

@@ -8,15 +8,30 @@ Examples:
     python pipelines/evaluate.py --samples samples.npz --reference ref.npz --dinov2 facebook/dinov2-large
     # reference batch (ADM layout) from a folder of center-cropped real images
     python pipelines/evaluate.py --make_reference imagenet_val_256/ --reference my_ref.npz
+
+Samples and reference images must have one resolution (ADM's reference batches: 256 or 512 px). A mistake (a
+missing file, a resolution mismatch, a bad value) ends with one ``evaluate.py: error: ...`` line (exit status 2)
+before Inception runs; ``--debug`` shows the traceback.
 """
 
 import argparse
 import json
 import os
+import sys
 import tempfile
 from pathlib import Path
 
-from diffusers_repa.evaluation import compute_reference_batch, evaluate_samples, format_metrics_table
+from diffusers_repa.cli import run_cli
+from diffusers_repa.pretrained_paths import check_pretrained_source
+
+
+def check_image_source(path: str, flag: str) -> None:
+    """Refuse a missing image set, or one that is neither an .npz file nor a folder."""
+    source = Path(path)
+    if not source.exists():
+        raise FileNotFoundError(f"{flag} {path} does not exist.")
+    if not source.is_dir() and source.suffix != ".npz":
+        raise ValueError(f"{flag} {path}: give an .npz file (ADM layout) or a folder of images.")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -42,11 +57,28 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.samples is None and args.make_reference is None:
         parser.error("give --samples to evaluate, or --make_reference to build a reference batch")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch_size must be at least 1, got {args.batch_size}.")
+    if args.make_reference is not None:
+        check_image_source(args.make_reference, "--make_reference")
+        if Path(args.reference).suffix != ".npz" or Path(args.reference).is_dir():
+            raise ValueError(f"--reference {args.reference}: the reference batch to write must be an .npz file.")
+    else:
+        check_image_source(args.samples, "--samples")
+        check_image_source(args.reference, "--reference")
+    if args.output is not None and (Path(args.output).suffix != ".json" or Path(args.output).is_dir()):
+        raise ValueError(f"--output {args.output}: the metrics are written as JSON; give a file name ending in .json.")
+    if args.inception_weights is not None and not Path(args.inception_weights).is_file():
+        raise FileNotFoundError(f"--inception_weights {args.inception_weights} is not a file.")
+    if args.dinov2 is not None:
+        check_pretrained_source(args.dinov2, config_name="config.json", what="DINOv2 model")
     return args
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    from diffusers_repa.evaluation import compute_reference_batch, evaluate_samples, format_metrics_table
+
     common = {
         "inception_weights": args.inception_weights,
         "batch_size": args.batch_size,
@@ -69,4 +101,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main))

@@ -11,12 +11,20 @@ Examples:
     # ODE with Heun, balanced classes (50 per class)
     accelerate launch pipelines/generate.py --pipeline sit-xl-2-repa --output_dir samples_ode --sampler ode --heun \\
         --steps 50 --label_sampling equal
+
+A mistake (a bad value, a missing pipeline folder, an output that is a file) ends with one
+``generate.py: error: ...`` line (exit status 2) before any sample is drawn; ``--debug`` shows the traceback.
 """
 
 import argparse
+import sys
+from pathlib import Path
 
-from diffusers_repa.evaluation.generate import generate_samples
-from diffusers_repa.pipelines import COMPILE_MODES
+from diffusers_repa.cli import run_cli
+from diffusers_repa.pretrained_paths import check_pretrained_source
+
+# diffusers_repa.pipelines.COMPILE_MODES, spelt out here so that the flags are checked before torch is imported.
+COMPILE_MODES = ("blocks", "graph", "cuda_graphs")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -48,11 +56,24 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=None,
         help="compile the transformer: blocks (regional), graph (whole forward) or cuda_graphs (graph + CUDA graphs)",
     )
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.heun and args.sampler != "ode":
+        raise ValueError("--heun is an ODE solver option; add --sampler ode.")
+    for flag in ("num_samples", "batch_size", "steps"):
+        if getattr(args, flag) < 1:
+            raise ValueError(f"--{flag} must be at least 1, got {getattr(args, flag)}.")
+    if Path(args.output_dir).is_file():
+        raise NotADirectoryError(f"--output_dir {args.output_dir} is a file; give a folder for the PNGs.")
+    if args.npz is not None and (Path(args.npz).suffix != ".npz" or Path(args.npz).is_dir()):
+        raise ValueError(f"--npz {args.npz}: give a file name ending in .npz.")
+    check_pretrained_source(args.pipeline)
+    return args
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    from diffusers_repa.evaluation.generate import generate_samples
+
     npz_path = generate_samples(
         args.pipeline,
         args.output_dir,
@@ -75,4 +96,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main))

@@ -4,25 +4,37 @@ The paper's setting (SiT-XL/2 + REPA, FID 1.42): SDE sampler, 250 steps, guidanc
 
     python pipelines/sample.py --model org/sit-xl-repa --class_labels 207 "golden retriever" 88 \
         --sampler sde --steps 250 --guidance_scale 1.8 --guidance_interval 0 0.7 --seed 0 --output grid.png
+
+A mistake (a bad value, a missing folder, an output format PIL cannot write) ends with one
+``sample.py: error: ...`` line (exit status 2) before any model is loaded or sampled; ``--debug`` shows the traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import sys
 from pathlib import Path
 
-import torch
-from diffusers.utils import make_image_grid
 from PIL import Image
 
-from diffusers_repa.pipelines import SiTPipeline
-from diffusers_repa.schedulers import SiTODEScheduler, SiTSDEScheduler
+from diffusers_repa.cli import run_cli
+from diffusers_repa.pretrained_paths import check_pretrained_source
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DTYPES = ("fp32", "fp16", "bf16")
+
+
+def check_image_output(path: Path, flag: str) -> None:
+    """Refuse an image path PIL cannot write (by its extension) or that is a folder."""
+    image_format = Image.registered_extensions().get(path.suffix.lower())
+    if image_format not in Image.SAVE:
+        raise ValueError(f"{flag} {path}: cannot write '{path.suffix}' images; use .png (or .jpg, .webp).")
+    if path.is_dir():
+        raise IsADirectoryError(f"{flag} {path} is a folder; give the image file to write.")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse and check the flags (a ValueError names the flag); nothing heavy is imported yet."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="Pipeline folder or Hub repo id.")
     parser.add_argument(
@@ -40,29 +52,44 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--guidance_scale", type=float, default=1.0)
     parser.add_argument("--guidance_interval", type=float, nargs=2, default=(0.0, 1.0), metavar=("LOW", "HIGH"))
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--output", type=Path, default=Path("grid.png"), help="PNG grid to write.")
+    parser.add_argument("--output", type=Path, default=Path("grid.png"), help="Image grid to write (.png, .jpg...).")
     parser.add_argument("--cols", type=int, default=None, help="Grid columns (default: about square).")
     parser.add_argument("--save_individual", type=Path, default=None, metavar="DIR", help="Also write one PNG each.")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument(
-        "--dtype", choices=sorted(DTYPES), default="fp32", help="Model dtype (the sampler stays fp64)."
-    )
+    parser.add_argument("--device", default=None, help="Default: cuda if available, else cpu.")
+    parser.add_argument("--dtype", choices=DTYPES, default="fp32", help="Model dtype (the sampler stays fp64).")
     args = parser.parse_args(argv)
     if args.heun and args.sampler != "ode":
-        parser.error("--heun needs --sampler ode")
+        raise ValueError("--heun is an ODE solver option; add --sampler ode.")
+    if args.steps < 1:
+        raise ValueError(f"--steps must be at least 1, got {args.steps}.")
+    if args.cols is not None and args.cols < 1:
+        raise ValueError(f"--cols must be at least 1, got {args.cols}.")
+    check_image_output(args.output, "--output")
+    if args.save_individual is not None and args.save_individual.exists() and not args.save_individual.is_dir():
+        raise NotADirectoryError(f"--save_individual {args.save_individual} is a file; give a folder.")
+    check_pretrained_source(args.model)
     return args
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    pipe = SiTPipeline.from_pretrained(str(args.model), dtype=DTYPES[args.dtype]).to(args.device)
+    import torch
+    from diffusers.utils import make_image_grid
+
+    from diffusers_repa.pipelines.pipeline_sit import SiTPipeline
+    from diffusers_repa.schedulers import SiTODEScheduler, SiTSDEScheduler
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+    pipe = SiTPipeline.from_pretrained(str(args.model), dtype=dtype).to(device)
     if args.sampler == "ode":
         pipe.scheduler = SiTODEScheduler(solver="heun" if args.heun else "euler")
     else:
         path_type = args.path_type or pipe.scheduler.config.get("path_type", "linear")
         pipe.scheduler = SiTSDEScheduler(path_type=path_type)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
 
-    generator = torch.Generator(device=args.device).manual_seed(args.seed)
+    generator = torch.Generator(device=device).manual_seed(args.seed)
     images = pipe(
         args.class_labels,
         num_inference_steps=args.steps,
@@ -71,10 +98,9 @@ def main(argv: list[str] | None = None) -> None:
         generator=generator,
     ).images
 
-    cols = args.cols or math.ceil(math.sqrt(len(images)))
+    cols = min(args.cols or math.ceil(math.sqrt(len(images))), len(images))
     rows = math.ceil(len(images) / cols)
     blanks = [Image.new("RGB", images[0].size)] * (rows * cols - len(images))
-    args.output.parent.mkdir(parents=True, exist_ok=True)
     make_image_grid(images + blanks, rows=rows, cols=cols).save(args.output)
     print(f"Wrote a {rows}x{cols} grid of {len(images)} images to {args.output}")
     if args.save_individual is not None:
@@ -85,4 +111,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main))

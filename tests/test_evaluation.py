@@ -458,6 +458,8 @@ def test_evaluate_cli_prints_table_and_writes_json(tmp_path, monkeypatch, capsys
     np.savez(tmp_path / "s.npz", arr_0=samples)
     np.savez(tmp_path / "r.npz", arr_0=reference)
     output = tmp_path / "out" / "metrics.json"
+    weights = tmp_path / "w.pth"
+    weights.touch()
     evaluate_script.main(
         [
             "--samples",
@@ -465,7 +467,7 @@ def test_evaluate_cli_prints_table_and_writes_json(tmp_path, monkeypatch, capsys
             "--reference",
             str(tmp_path / "r.npz"),
             "--inception_weights",
-            "w.pth",
+            str(weights),
             "--batch_size",
             "8",
             "--device",
@@ -474,7 +476,7 @@ def test_evaluate_cli_prints_table_and_writes_json(tmp_path, monkeypatch, capsys
             str(output),
         ]
     )
-    assert requested == ["w.pth"]
+    assert requested == [str(weights)]
     printed = capsys.readouterr().out
     assert "FID" in printed and "Precision" in printed
     written = json.loads(output.read_text())

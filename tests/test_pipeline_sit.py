@@ -475,5 +475,5 @@ def test_sample_cli_writes_grid_and_images(tmp_path, saved_pipeline):
     assert [path.name for path in written] == ["0000.png", "0001.png", "0002.png"]
     assert np.array_equal(np.asarray(PIL.Image.open(written[2])), np.asarray(images[2]))
 
-    with pytest.raises(SystemExit):
+    with pytest.raises(ValueError, match="--heun is an ODE solver option"):
         sample.parse_args(["--model", "x", "--class_labels", "1", "--sampler", "sde", "--heun"])

@@ -132,10 +132,6 @@ def evaluate_samples(
         ``{"inception_score", "fid", "sfid", "precision", "recall", ["fd_dinov2"], "num_samples",
         "num_reference_images"}``; precision and recall are omitted when the reference has statistics but no images.
     """
-    device = torch.device(device) if device is not None else _default_device()
-    inception, dinov2 = _resolve_models(inception, inception_weights, dinov2, device)
-    run_kwargs = {"batch_size": batch_size, "device": device, "show_progress": show_progress}
-
     samples = open_image_set(samples_npz)
     reference_keys = set(npz_keys(reference_npz)) if _is_npz(reference_npz) else {"arr_0"}
     reference = open_image_set(reference_npz) if "arr_0" in reference_keys else None
@@ -143,6 +139,17 @@ def evaluate_samples(
         raise ValueError(f"{reference_npz} has neither images (arr_0) nor the statistics mu, sigma, mu_s, sigma_s.")
     if dinov2 is not None and reference is None and not {"mu_dinov2", "sigma_dinov2"} <= reference_keys:
         raise ValueError(f"FD-DINOv2 needs images (arr_0) or mu_dinov2/sigma_dinov2 in {reference_npz}.")
+    if reference is not None and _image_size(samples) != _image_size(reference):
+        (height, width), (reference_height, reference_width) = _image_size(samples), _image_size(reference)
+        raise ValueError(
+            f"The samples are {height}x{width} px but the reference images are {reference_height}x{reference_width} "
+            "px: FID and the other metrics compare sets of one resolution. Sample at the reference's resolution, or "
+            f"build a reference batch from real images at {height}x{width} px (--make_reference)."
+        )
+
+    device = torch.device(device) if device is not None else _default_device()
+    inception, dinov2 = _resolve_models(inception, inception_weights, dinov2, device)
+    run_kwargs = {"batch_size": batch_size, "device": device, "show_progress": show_progress}
 
     sample_run = _run_inception(
         samples, inception, keep_pool=True, keep_logits=True, desc="samples: Inception", **run_kwargs
@@ -177,6 +184,14 @@ def evaluate_samples(
     results["num_samples"] = len(samples)
     results["num_reference_images"] = len(reference) if reference is not None else 0
     return results
+
+
+def _image_size(images: ImageSet) -> tuple[int, int]:
+    """(height, width) of the first image of a set (all share it)."""
+    batches = images.iter_batches(1)
+    first = next(batches)
+    batches.close()
+    return tuple(first.shape[1:3])
 
 
 def _is_npz(source: ImageSource) -> bool:

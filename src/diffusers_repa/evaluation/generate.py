@@ -144,16 +144,19 @@ def generate_samples(
     """
     from ..pipelines.pipeline_sit import SiTPipeline
 
+    for name, value in (("num_samples", num_samples), ("batch_size", batch_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}.")
     accelerator = accelerator or Accelerator(mixed_precision=mixed_precision)
     if isinstance(pipeline, str | os.PathLike):
         pipeline = SiTPipeline.from_pretrained(pipeline)
     pipeline.scheduler = _scheduler_for(pipeline, sampler, heun, path_type)
+    # The sampling settings are checked before they are recorded for resumption and before the first sample.
+    pipeline.check_inputs(batch_size, num_inference_steps, guidance_scale, guidance_interval, None, None, "pt", [])
     pipeline = pipeline.to(accelerator.device)
     pipeline.set_progress_bar_config(disable=True)
     if compile_mode is not None:
         pipeline.compile_transformer(compile_mode)
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, got {batch_size}.")
 
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)

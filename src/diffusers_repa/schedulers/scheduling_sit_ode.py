@@ -10,6 +10,7 @@ from typing import Literal
 
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
 
 from .scheduling_utils_sit import SiTSchedulerMixin, check_num_inference_steps, sampling_dtype
@@ -29,7 +30,7 @@ class SiTODESchedulerOutput(BaseOutput):
     prev_sample: torch.Tensor
 
 
-class SiTODEScheduler(SiTSchedulerMixin, ConfigMixin):
+class SiTODEScheduler(SiTSchedulerMixin, SchedulerMixin, ConfigMixin):
     r"""Euler or Heun integration of the velocity ODE on the grid ``t_i = 1 − i/N``, i = 0..N (t = 1 noise, t = 0 data).
 
     The model predicts the velocity ``v(x_t, t)``; `timesteps` holds the times at which to evaluate it, and they are

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
@@ -30,7 +31,7 @@ class SiTSDESchedulerOutput(BaseOutput):
     prev_sample_mean: torch.Tensor
 
 
-class SiTSDEScheduler(SiTSchedulerMixin, ConfigMixin):
+class SiTSDEScheduler(SiTSchedulerMixin, SchedulerMixin, ConfigMixin):
     r"""Euler–Maruyama sampler of the reverse SDE of a SiT velocity model (t = 1 noise, t = 0 data).
 
     With diffusion coefficient ``w(t) = 2t`` the reverse SDE is ``dx = [v − ½·w(t)·score] dt + √w(t) dW̄``, where the

@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib
 
 import torch
-from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 
 def sampling_dtype(device: torch.device | str | None) -> torch.dtype:
@@ -22,8 +21,9 @@ def check_num_inference_steps(num_inference_steps: int) -> None:
         raise ValueError(f"num_inference_steps must be a positive integer, got {num_inference_steps!r}.")
 
 
-class SiTSchedulerMixin(SchedulerMixin):
-    r"""diffusers' scheduler conventions shared by the continuous-time SiT schedulers.
+class SiTSchedulerMixin:
+    r"""diffusers' scheduler conventions shared by the continuous-time SiT schedulers (listed before diffusers'
+    `SchedulerMixin` in their bases).
 
     - `begin_index` / `set_begin_index`: a run may start part way along `timesteps` (diffusers' img2img convention);
       `set_timesteps` resets it to None, which means 0.
@@ -41,12 +41,14 @@ class SiTSchedulerMixin(SchedulerMixin):
     _compatibles = ["FlowMatchEulerDiscreteScheduler", "SiTODEScheduler", "SiTSDEScheduler"]
 
     @classmethod
-    def _get_compatibles(cls) -> list[type[SchedulerMixin]]:
-        """diffusers resolves the names in `_compatibles` in its own namespace only; these look in this package's
-        schedulers too."""
-        namespaces = (importlib.import_module("diffusers"), importlib.import_module("diffusers_repa.schedulers"))
+    def _get_compatibles(cls) -> list[type]:
+        """diffusers resolves the names in `_compatibles` in its own namespace only; these also find the SiT
+        schedulers (the subclasses of this mixin)."""
+        classes = {subclass.__name__: subclass for subclass in SiTSchedulerMixin.__subclasses__()}
+        diffusers = importlib.import_module("diffusers")
         names = dict.fromkeys([cls.__name__, *cls._compatibles])
-        return [getattr(space, name) for name in names for space in namespaces if hasattr(space, name)]
+        found = [classes.get(name) or getattr(diffusers, name, None) for name in names]
+        return [scheduler for scheduler in found if scheduler is not None]
 
     def __len__(self) -> int:
         """1: `timesteps` are the model's continuous time t itself (see the class docstring)."""
