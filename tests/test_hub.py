@@ -4,7 +4,9 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 from diffusers import AutoencoderKL
+from huggingface_hub import ModelCard
 
 import diffusers_repa.training.hub as hub_module
 from diffusers_repa.pipelines import SiTPipeline
@@ -111,3 +113,50 @@ def test_push_cleans_configs_and_refuses_a_path_it_cannot_remove(saved_pipeline,
     assert push_export_to_hub(saved_pipeline, "me/sit") == "url"
     assert calls[0] == ("create", "me/sit") and Path(calls[1][1]["folder_path"]) == saved_pipeline
     assert json.loads((saved_pipeline / "vae" / "config.json").read_text())["_name_or_path"] == "vae"
+
+
+def front_matter(card) -> dict:
+    """The card's YAML metadata, parsed the way the Hub reads it."""
+    text = str(card)
+    assert text.startswith("---\n")
+    return yaml.safe_load(text.split("---\n")[1])
+
+
+def test_model_card_metadata_has_license_task_and_evaluation_results():
+    args = REPATrainingArguments(dataset="digits", output_dir="runs/sit-repa-quickstart", vae="none")
+    metrics = {"fd_digits": 5.0812, "class_accuracy": 0.98}
+    card = render_model_card(args, "sit-repa-quickstart/pipeline", num_steps=2000, metrics=metrics)
+    metadata = front_matter(card)
+    assert metadata["license"] == "apache-2.0" and metadata["library_name"] == "diffusers"
+    assert metadata["pipeline_tag"] == "unconditional-image-generation"
+    assert {"diffusers", "sit", "repa", "class-conditional", "image-generation"} <= set(metadata["tags"])
+    [entry] = metadata["model-index"]
+    assert entry["name"] == "sit-repa-quickstart"  # the run's name, not the export folder's
+    [result] = entry["results"]
+    assert result["task"]["type"] == "unconditional-image-generation"
+    assert result["dataset"] == {"name": "digits", "type": "digits", "split": "train"}
+    assert {metric["type"]: metric["value"] for metric in result["metrics"]} == metrics
+    assert [(r.metric_type, r.metric_value) for r in ModelCard(str(card)).data.eval_results] == list(metrics.items())
+    assert "UCI Optical Recognition of Handwritten Digits data set (CC BY 4.0)" in str(card)
+
+    imagenet = render_model_card(
+        REPATrainingArguments(hub_model_id="me/sit-xl"), "me/sit-xl", 400000, metrics={"FID": 1.8}
+    )
+    metadata = front_matter(imagenet)
+    assert metadata["datasets"] == ["ILSVRC/imagenet-1k"] and metadata["model-index"][0]["name"] == "sit-xl"
+    assert metadata["model-index"][0]["results"][0]["dataset"]["type"] == "ILSVRC/imagenet-1k"
+    assert metadata["model-index"][0]["results"][0]["metrics"] == [{"type": "fid", "value": 1.8, "name": "FID"}]
+    assert "non-commercial research and educational use only" in str(imagenet)
+    assert "model-index" not in front_matter(render_model_card(args, "me/sit", num_steps=10))  # no metrics, no index
+
+
+def test_model_card_snippets_load_the_export_folder_with_this_package_or_plain_diffusers():
+    args = REPATrainingArguments(dataset="digits", output_dir="sit-repa-quickstart")
+    text = str(render_model_card(args, "sit-repa-quickstart/pipeline", num_steps=2000))
+    assert "# sit-repa-quickstart\n" in text and "pip install diffusers-repa" in text
+    assert 'SiTPipeline.from_pretrained("sit-repa-quickstart/pipeline")' in text
+    assert 'DiffusionPipeline.from_pretrained("sit-repa-quickstart/pipeline", trust_remote_code=True)' in text
+
+    lora = str(render_model_card(REPATrainingArguments(pretrained_model="org/sit-xl", lora_rank=4), "me/lora", 10))
+    assert 'DiffusionPipeline.from_pretrained("org/sit-xl", trust_remote_code=True)' in lora
+    assert lora.count('pipe.load_lora_weights("me/lora")') == 2

@@ -15,9 +15,9 @@ import re
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
-from huggingface_hub import ModelCard, ModelCardData, create_repo, upload_folder
+from huggingface_hub import EvalResult, ModelCard, ModelCardData, create_repo, upload_folder
 
-from ..data import IMAGENET_1K_REPO_ID
+from ..data import DIGITS_DATASET, IMAGENET_1K_REPO_ID
 from .arguments import REPATrainingArguments
 
 # The Jinja template lives in the repository's model_cards/ folder; templates/sit_repa.md links to it so that it is
@@ -85,11 +85,47 @@ class SampleGridInfo:
     guidance_scale: float
 
 
+# The Hub has no class-conditional task; class-conditional generators (DiT, SiT) are listed as unconditional.
+PIPELINE_TAG = "unconditional-image-generation"
+# The code's license (diffusers-repa, diffusers and the original REPA code are Apache-2.0); the card names the training
+# data's own terms separately.
+LICENSE = "apache-2.0"
+# Terms of the datasets the card knows, by the name `--dataset` gives them.
+_DATASET_TERMS = {
+    "imagenet-1k": "ImageNet-1k is licensed for non-commercial research and educational use only (its terms of access "
+    "on the Hub, https://huggingface.co/datasets/ILSVRC/imagenet-1k); weights trained on it may inherit these terms.",
+    DIGITS_DATASET: "The digits are the UCI Optical Recognition of Handwritten Digits data set (CC BY 4.0), as "
+    "shipped with scikit-learn.",
+}
+_DATASET_TERMS["imagenet"] = _DATASET_TERMS["imagenet-1k"]
+
+
 def _hub_dataset_ids(dataset: str) -> list[str] | None:
     """The dataset as the card's metadata names it: a Hub id, or nothing for a local folder."""
     if dataset in ("imagenet-1k", "imagenet"):
         return [IMAGENET_1K_REPO_ID]
     return [dataset] if dataset.count("/") == 1 and not is_local_path(dataset) else None
+
+
+def _eval_results(args: REPATrainingArguments, metrics: dict[str, float]) -> list[EvalResult] | None:
+    """The card's ``model-index`` entries: one per metric, measured on EMA samples against the training split."""
+    if not metrics:
+        return None
+    dataset_ids = _hub_dataset_ids(args.dataset)
+    dataset = dataset_ids[0] if dataset_ids else _card_value(args.dataset)
+    return [
+        EvalResult(
+            task_type=PIPELINE_TAG,
+            task_name="Class-conditional image generation",
+            dataset_type=dataset,
+            dataset_name=dataset,
+            dataset_split=args.dataset_split,
+            metric_type=name.lower(),
+            metric_name=name,
+            metric_value=float(value),
+        )
+        for name, value in metrics.items()
+    ]
 
 
 def render_model_card(
@@ -104,11 +140,16 @@ def render_model_card(
     """Fill `model_cards/sit_repa.md` for a finished run.
 
     Arguments that are local paths (`--dataset`, `--vae`, `--encoder`, `--pretrained_model`) appear as the folder's
-    name, ``name (local folder)``, never as the path; Hub ids appear as they are.
+    name, ``name (local folder)``, never as the path; Hub ids appear as they are. The metadata holds the license,
+    ``library_name: diffusers``, the pipeline tag, the datasets on the Hub and, with `metrics`, a ``model-index``;
+    the text shows how to load the model with this package or with plain diffusers (``trust_remote_code=True``: the
+    export carries its code, see `SiTPipeline.save_pretrained`). Its title is the run's name (``--hub_model_id`` or
+    the name of ``--output_dir``).
 
     Args:
         args: the run's arguments (dataset, encoder, sizes, optimiser settings).
-        repo_id: Hub id the card's loading snippet uses (the local export folder works too).
+        repo_id: what the card's loading snippets load: the Hub repo id, or the export folder as a user types it
+            (``sit-repa-quickstart/pipeline``).
         num_steps: optimizer steps done.
         sample_grid: the grid saved next to the card, if any.
         metrics: evaluation results to list (e.g. ``{"FID-50K": 1.8}``), if any.
@@ -120,11 +161,18 @@ def render_model_card(
     is_lora = args.use_lora
     base_model_on_hub = args.pretrained_model is not None and not is_local_path(args.pretrained_model)
     tags = ["diffusers", "sit", "repa", "class-conditional", "image-generation"] + (["lora"] if is_lora else [])
+    model_name = (
+        args.hub_model_id.rstrip("/").split("/")[-1] if args.hub_model_id else Path(args.output_dir).resolve().name
+    )
     card_data = ModelCardData(
+        license=LICENSE,
         library_name="diffusers",
+        pipeline_tag=PIPELINE_TAG,
         tags=tags,
         datasets=_hub_dataset_ids(args.dataset),
         base_model=args.pretrained_model if is_lora and base_model_on_hub else None,
+        model_name=model_name,
+        eval_results=_eval_results(args, metrics or {}),
     )
     settings = dataclasses.asdict(args)
     lora_only = () if is_lora else ("pretrained_model", "lora_rank", "lora_alpha")
@@ -136,13 +184,15 @@ def render_model_card(
     return ModelCard.from_template(
         card_data,
         template_path=str(template_path),
-        model_name=repo_id.rstrip("/").split("/")[-1],
+        model_name=model_name,
         repo_id=repo_id,
         is_lora=is_lora,
         lora_rank=args.lora_rank,
         base_model=_card_value(args.pretrained_model),
         base_model_url=f"https://huggingface.co/{args.pretrained_model}" if base_model_on_hub else None,
         dataset=_card_value(args.dataset),
+        dataset_terms=_DATASET_TERMS.get(args.dataset),
+        license=LICENSE,
         encoder=_card_value(args.encoder),
         model_size=args.model,
         resolution=args.resolution,

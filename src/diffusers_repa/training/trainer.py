@@ -539,7 +539,9 @@ class REPATrainer:
                 "samples.png", self.validation_labels, "sde", args.validation_inference_steps,
                 args.validation_guidance_scale,
             )  # fmt: skip
-            repo_id = args.hub_model_id or self.output_dir.resolve().name
+            repo_id = args.hub_model_id or (  # what the card loads: the Hub repo, or the export folder as typed
+                self.output_dir.resolve().name + ("" if args.push_to_hub else f"/{self.export_dir.name}")
+            )
             metrics = {**self.eval_metrics, **(metrics or {})}
             curves = self.output_dir / EVAL_PLOT_NAME if self.evaluation is not None else None
             card = render_model_card(
