@@ -12,7 +12,7 @@ __all__, __getattr__, __dir__ = lazy_exports(
         "checkpointing": ["list_checkpoints", "resolve_checkpoint", "save_checkpoint"],
         "ema": ["create_ema"],
         "model_setup": ["LORA_TARGET_MODULES", "build_model", "build_optimizer"],
-        "objectives": ["Objective", "REPAFlowObjective"],
+        "objectives": ["DDPMObjective", "Objective", "REPAFlowObjective"],
         "step": ["NonFiniteLossError", "StepOutput", "TrainingStep"],
         "hub": ["find_local_paths", "is_local_path", "push_export_to_hub", "remove_local_paths", "render_model_card"],
         "preflight": ["SourcesUnreachableError", "check_sources_reachable"],

@@ -1,8 +1,9 @@
 """Training objectives: what one micro-batch's loss is. The training step (`step.py`) is the same for all of them.
 
 An objective turns a micro-batch from the loader into a [`REPALossOutput`] for a model; the step around it
-(backward, clipping, the non-finite guard, the optimizer and the EMA) never changes. A new objective (DiT's improved
-DDPM, text-to-image, a successor's extra term) is a new class with the same `__call__`, not a copy of the step.
+(backward, clipping, the non-finite guard, the optimizer and the EMA) never changes. A new objective (text-to-image,
+a successor's extra term) is a new class with the same `__call__` — or, sharing the inputs and targets, a new
+`loss` as `DDPMObjective` does — never a copy of the step.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
+from ..ddpm_losses import DDPMSchedule, improved_ddpm_repa_loss
 from ..encoders import FrozenVisionEncoder, interpolate_tokens
 from ..interpolants import PathType, TimeSampling
 from ..losses import REPALossOutput, repa_loss
@@ -99,13 +101,58 @@ class REPAFlowObjective:
     ) -> REPALossOutput:
         x_0 = self.clean_inputs(batch, generator)
         targets = self.encode_targets(batch["image"]) if self.aligns_at(step) else []
+        return self.loss(model, x_0, batch["label"], targets, generator)
+
+    def loss(
+        self,
+        model: nn.Module,
+        x_0: torch.Tensor,
+        labels: torch.Tensor,
+        targets: list[torch.Tensor],
+        generator: torch.Generator,
+    ) -> REPALossOutput:
+        """The diffusion loss on clean inputs x_0 (N, C, h, w) plus λ · alignment: SiT's velocity regression."""
         return repa_loss(
             model,
             x_0,
-            batch["label"],
+            labels,
             targets,
             proj_coeff=self.proj_coeff,
             path_type=self.path_type,
             time_sampling=self.time_sampling,
             generator=generator,
+        )
+
+
+class DDPMObjective(REPAFlowObjective):
+    """DiT's improved-DDPM objective (ε MSE + the variational bound that trains the learned variance, on DiT's
+    1000-step linear schedule; `ddpm_losses.improved_ddpm_loss`, equal to DiT's code) plus λ · REPA alignment — the
+    paper's second objective. Same inputs and alignment targets as `REPAFlowObjective`; only the loss differs.
+
+    The model is called as ``model(x_t, timestep=t, class_labels=y)`` with integer t in [0, 1000) and must return
+    2C channels (ε and the variance interpolation): diffusers' `DiTTransformer2DModel` with ``out_channels = 2C``,
+    wrapped in `TransformerWithREPAHead` when aligning.
+
+    Args:
+        schedule: the diffusion (default: DiT's `DDPMSchedule.linear()`), on the device of the inputs.
+        other arguments: as `REPAFlowObjective` (`path_type`, `time_sampling` do not apply).
+    """
+
+    def __init__(
+        self, encoders: Sequence[FrozenVisionEncoder] = (), *, schedule: DDPMSchedule | None = None, **kwargs
+    ):
+        super().__init__(encoders, **kwargs)
+        self.schedule = DDPMSchedule.linear() if schedule is None else schedule
+
+    def loss(
+        self,
+        model: nn.Module,
+        x_0: torch.Tensor,
+        labels: torch.Tensor,
+        targets: list[torch.Tensor],
+        generator: torch.Generator,
+    ) -> REPALossOutput:
+        """DiT's hybrid loss (mse + vb per sample, t and ε drawn from `generator` as DiT does) plus λ · alignment."""
+        return improved_ddpm_repa_loss(
+            model, x_0, labels, targets, proj_coeff=self.proj_coeff, generator=generator, schedule=self.schedule
         )
