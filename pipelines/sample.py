@@ -26,11 +26,11 @@ DTYPES = ("fp32", "fp16", "bf16")
 
 def check_image_output(path: Path, flag: str) -> None:
     """Refuse an image path PIL cannot write (by its extension) or that is a folder."""
+    if path.is_dir():
+        raise IsADirectoryError(f"{flag} {path} is a folder; give the image file to write.")
     image_format = Image.registered_extensions().get(path.suffix.lower())
     if image_format not in Image.SAVE:
         raise ValueError(f"{flag} {path}: cannot write '{path.suffix}' images; use .png (or .jpg, .webp).")
-    if path.is_dir():
-        raise IsADirectoryError(f"{flag} {path} is a folder; give the image file to write.")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
