@@ -82,6 +82,12 @@ class SiTPipeline(DiffusionPipeline, SiTLoraLoaderMixin):
     becomes ``uncond + w·(cond − uncond)``; outside the interval only the conditional batch runs. A Heun corrector
     keeps the decision of its predictor step, as REPA's sampler does.
 
+    Callbacks follow diffusers' conventions: during a call `guidance_scale`, `do_classifier_free_guidance`,
+    `num_timesteps` and `interrupt` describe the run; a ``callback_on_step_end`` (a function, or diffusers'
+    [`PipelineCallback`] / [`MultiPipelineCallbacks`] with ``tensor_inputs = ["latents"]``) may replace the latents,
+    set ``pipe._guidance_scale`` for the following steps (e.g. 1 to stop guiding after ``num_timesteps // 2``) or
+    ``pipe._interrupt = True`` to stop early.
+
     Schedulers: [`SiTODEScheduler`] (Euler/Heun), [`SiTSDEScheduler`] (Euler–Maruyama) and diffusers'
     [`FlowMatchEulerDiscreteScheduler`] (linear path only; its timesteps are ``t · num_train_timesteps`` and are
     converted to the model's t, and its default grid is ``linspace(1, 1/num_train_timesteps, N)`` then 0).
