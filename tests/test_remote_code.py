@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import diffusers.utils.hub_utils as hub_utils
 import numpy as np
 import PIL.Image
 import pytest
@@ -219,3 +220,21 @@ def test_generated_transformer_is_the_library_one(tmp_path, single_thread):
     torch.testing.assert_close(actual.sample, expected.sample, rtol=0, atol=0)
     for got, want in zip(actual.projections, expected.projections, strict=True):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_push_to_hub_uploads_the_code(tmp_path, monkeypatch):
+    """`save_pretrained(push_to_hub=True)` and `push_to_hub` save through the override, so the upload has the code."""
+    uploads = []
+
+    def upload(self, folder, repo_id, **kwargs):
+        uploads.append((repo_id, sorted(path.relative_to(folder).as_posix() for path in Path(folder).rglob("*.py"))))
+
+    monkeypatch.setattr(hub_utils, "create_repo", lambda repo_id, **kwargs: type("Url", (), {"repo_id": repo_id}))
+    monkeypatch.setattr(hub_utils, "load_or_create_model_card", lambda *args, **kwargs: ModelCard("# card"))
+    monkeypatch.setattr(SiTPipeline, "_upload_folder", upload)
+    pipe = tiny_sit_pipeline(latent_size=4, depth=1, num_classes=3)
+    pipe.save_pretrained(tmp_path / "sit-local", push_to_hub=True, repo_id="me/sit", commit_message="weights")
+    code = ["pipeline_sit.py", "scheduler/scheduling_sit_sde.py", "transformer/transformer_sit.py"]
+    assert sorted(p.relative_to(tmp_path / "sit-local").as_posix() for p in tmp_path.rglob("*.py")) == code
+    pipe.push_to_hub("me/sit-2")
+    assert uploads == [("me/sit", code), ("me/sit-2", code)]
