@@ -4,6 +4,7 @@ begin_index, len() and compatibility with diffusers' FlowMatchEulerDiscreteSched
 Parity with the original samplers on the tiny model is checked through the pipeline in test_pipeline_sit.py.
 """
 
+import json
 import math
 
 import pytest
@@ -207,3 +208,20 @@ def test_len_compatibles_and_swapping_with_flow_match(scheduler_class):
         swapped.set_timesteps(4)
         assert swapped.timesteps[0] / len(swapped) == 1  # every run starts from noise at t = 1
     assert type(scheduler_class.from_config(FlowMatchEulerDiscreteScheduler().config)) is scheduler_class
+
+
+@pytest.mark.parametrize("scheduler", [SiTODEScheduler(solver="heun"), SiTSDEScheduler()])
+def test_config_that_is_not_a_json_object_is_named(tmp_path, scheduler):
+    scheduler.save_pretrained(tmp_path)
+    config_file = tmp_path / "scheduler_config.json"
+    config_file.write_text(json.dumps([json.loads(config_file.read_text())]))
+    with pytest.raises(
+        ValueError, match=r"scheduler_config.json must hold a JSON object of .* settings, not a JSON list"
+    ):
+        type(scheduler).from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("last_step_size", ["0.04", True, None])
+def test_last_step_size_of_the_wrong_type_is_named(last_step_size):
+    with pytest.raises(ValueError, match="last_step_size must be a number in"):
+        SiTSDEScheduler(last_step_size=last_step_size)

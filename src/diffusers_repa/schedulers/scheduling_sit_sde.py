@@ -55,8 +55,12 @@ class SiTSDEScheduler(SiTSchedulerMixin, SchedulerMixin, ConfigMixin):
     def __init__(self, path_type: PathType = "linear", last_step_size: float = 0.04):
         if path_type not in PATH_TYPES:
             raise ValueError(f"Unknown path_type {path_type!r}; choose one of {PATH_TYPES}.")
-        if not 0 < last_step_size < 1:
-            raise ValueError(f"last_step_size must be in (0, 1), got {last_step_size}.")
+        if (
+            isinstance(last_step_size, bool)
+            or not isinstance(last_step_size, (int, float))
+            or not 0 < last_step_size < 1
+        ):
+            raise ValueError(f"last_step_size must be a number in (0, 1), got {last_step_size!r}.")
         self.num_inference_steps: int | None = None
         self.time_grid: torch.Tensor | None = None
         self.timesteps: torch.Tensor | None = None

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib
+import os
+from pathlib import Path
 
 import torch
 
@@ -30,6 +32,8 @@ class SiTSchedulerMixin:
     - ``len(scheduler)`` is diffusers' ``num_train_timesteps``: the factor between `timesteps` and the model's time
       t. Discrete schedulers count 1000 training steps (diffusers' [`FlowMatchEulerDiscreteScheduler`] has timesteps
       ``t · 1000``); these schedulers are continuous in time and their `timesteps` *are* t ∈ [0, 1], so it is 1.
+    - `load_config` refuses a config file that is not a JSON object (diffusers would take a JSON list for a Hub id and
+      report a connection problem).
     - `compatibles`: the SiT schedulers and diffusers' [`FlowMatchEulerDiscreteScheduler`] (same time convention,
       t = 1 noise, and velocity prediction; for the linear path only), so ``X.from_config(pipe.scheduler.config)``
       swaps between them.
@@ -49,6 +53,18 @@ class SiTSchedulerMixin:
         names = dict.fromkeys([cls.__name__, *cls._compatibles])
         found = [classes.get(name) or getattr(diffusers, name, None) for name in names]
         return [scheduler for scheduler in found if scheduler is not None]
+
+    @classmethod
+    def load_config(cls, pretrained_model_name_or_path: str | os.PathLike | dict, *args, **kwargs):
+        """diffusers' `load_config`, refusing a config file that holds anything but a JSON object of settings."""
+        loaded = super().load_config(pretrained_model_name_or_path, *args, **kwargs)
+        config = loaded[0] if isinstance(loaded, tuple) else loaded
+        if not isinstance(config, dict):
+            path = Path(pretrained_model_name_or_path) / (kwargs.get("subfolder") or "") / cls.config_name
+            raise ValueError(
+                f"{path} must hold a JSON object of {cls.__name__} settings, not a JSON {type(config).__name__}."
+            )
+        return loaded
 
     def __len__(self) -> int:
         """1: `timesteps` are the model's continuous time t itself (see the class docstring)."""
