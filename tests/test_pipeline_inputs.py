@@ -117,6 +117,32 @@ def test_callback_turning_guidance_on_equals_a_lower_guidance_interval(pipe):
     torch.testing.assert_close(late, interval, rtol=0, atol=0)
 
 
+def test_diffusers_pipeline_tester_callback_checks(pipe):
+    """What diffusers' PipelineTesterMixin.test_callback_cfg and test_callback_inputs ask of a pipeline."""
+
+    def increase_guidance(pipeline, step_index, timestep, callback_kwargs):
+        pipeline._guidance_scale += 1.0
+        return callback_kwargs
+
+    pipe([1], 3, guidance_scale=2.0, callback_on_step_end=increase_guidance, output_type="latent")
+    assert pipe.guidance_scale == 2.0 + pipe.num_timesteps
+
+    def zero_at_the_last_step(pipeline, step_index, timestep, callback_kwargs):
+        assert set(callback_kwargs) == set(pipeline._callback_tensor_inputs)
+        if step_index == pipeline.num_timesteps - 1:
+            callback_kwargs["latents"] = torch.zeros_like(callback_kwargs["latents"])
+        return callback_kwargs
+
+    output = pipe(
+        [1],
+        3,
+        callback_on_step_end=zero_at_the_last_step,
+        callback_on_step_end_tensor_inputs=pipe._callback_tensor_inputs,
+        output_type="latent",
+    )[0]
+    assert output.abs().sum() == 0
+
+
 def test_num_timesteps_counts_heun_calls_and_each_call_starts_afresh(pipe):
     steps = []
 
