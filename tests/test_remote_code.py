@@ -5,6 +5,7 @@ import ast
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -56,7 +57,7 @@ for folder, output, labels in json.loads(sys.argv[1]):
     print(folder, type(pipe).__module__, type(pipe.transformer).__module__, type(pipe.scheduler).__module__)
 print("loaded:", sorted(name for name in sys.modules if name.startswith("diffusers_repa")))
 """
-LABELS = {"latent": [0, 1, 2], "pixel": [1, 7], "export": [2, 0]}
+LABELS = {"latent": [0, 1, 2], "pixel": ["digit 1", 7], "export": [2, 0]}  # class names from id2label too
 
 
 def pixel_pipeline() -> SiTPipeline:
@@ -158,12 +159,7 @@ def test_saved_folder_names_its_code_files(saved):
 
 
 def test_this_package_loads_its_own_classes_and_never_runs_the_saved_code(saved, tmp_path):
-    folder = tmp_path / "pipeline"
-    folder.mkdir()
-    for path in saved["latent"].rglob("*"):
-        if path.is_file():
-            (folder / path.relative_to(saved["latent"])).parent.mkdir(parents=True, exist_ok=True)
-            (folder / path.relative_to(saved["latent"])).write_bytes(path.read_bytes())
+    folder = Path(shutil.copytree(saved["latent"], tmp_path / "pipeline"))
     for code in folder.rglob("*.py"):
         code.write_text("raise RuntimeError('the saved code ran')\n")
     pipe = SiTPipeline.from_pretrained(folder)
@@ -238,3 +234,14 @@ def test_push_to_hub_uploads_the_code(tmp_path, monkeypatch):
     assert sorted(p.relative_to(tmp_path / "sit-local").as_posix() for p in tmp_path.rglob("*.py")) == code
     pipe.push_to_hub("me/sit-2")
     assert uploads == [("me/sit", code), ("me/sit-2", code)]
+
+
+def test_a_compiled_transformer_is_saved_with_its_own_code(tmp_path):
+    pipe = tiny_sit_pipeline(latent_size=4, depth=1, num_classes=3)
+    pipe.transformer = torch.compile(pipe.transformer)
+    pipe.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "model_index.json").read_text())["transformer"] == [
+        "transformer_sit",
+        "SiTTransformer2DModel",
+    ]
+    assert "class SiTTransformer2DModel(" in (tmp_path / "transformer" / "transformer_sit.py").read_text()

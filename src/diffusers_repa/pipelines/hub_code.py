@@ -83,6 +83,7 @@ def _top_level_definitions(tree: ast.Module) -> set[str]:
 
 
 def _imports_package_absolutely(node: ast.stmt) -> bool:
+    """Whether a statement imports this package by name, which a saved file could not follow."""
     if isinstance(node, ast.Import):
         return any(alias.name.partition(".")[0] == PACKAGE for alias in node.names)
     return isinstance(node, ast.ImportFrom) and node.level == 0 and node.module.partition(".")[0] == PACKAGE
@@ -186,10 +187,9 @@ def flat_module_source(module_name: str) -> str:
     return text
 
 
-def _own_module(obj: Any) -> str | None:
-    """The module of `obj`'s class when that class is this package's, else None."""
-    module_name = type(obj).__module__
-    return module_name if module_name.split(".")[0] == PACKAGE else None
+def _own_module(module_name: str | None) -> bool:
+    """Whether a class's module (None for a missing component) is part of this package."""
+    return module_name is not None and module_name.partition(".")[0] == PACKAGE
 
 
 def write_hub_code(pipeline: Any, save_directory: str | os.PathLike) -> list[str]:
@@ -197,24 +197,25 @@ def write_hub_code(pipeline: Any, save_directory: str | os.PathLike) -> list[str
     diffusers' `save_pretrained`, and name those files in its ``model_index.json``; returns the files written.
 
     The pipeline's module goes to the folder's root, a component's into the component's folder, each named after its
-    module (``pipeline_sit.py``, ``transformer/transformer_sit.py``, ``scheduler/scheduling_sit_sde.py``).
+    module (``pipeline_sit.py``, ``transformer/transformer_sit.py``, ``scheduler/scheduling_sit_sde.py``). Components
+    are found by the modules that diffusers recorded for them (a compiled transformer's is its own class's).
     """
     save_directory = Path(save_directory)
     index_path = save_directory / MODEL_INDEX_NAME
     model_index = json.loads(index_path.read_text(encoding="utf-8"))
-    written = []
-    targets = {"": pipeline} | {
-        name: getattr(pipeline, name) for name, entry in model_index.items() if isinstance(entry, list)
+    modules = {"_class_name": (type(pipeline).__module__, type(pipeline).__name__)}
+    modules |= {
+        name: tuple(entry) for name, entry in model_index.items() if isinstance(entry, list) and len(entry) == 2
     }
-    for component, obj in targets.items():
-        module_name = _own_module(obj)
-        if module_name is None:
+    written = []
+    for key, (module_name, class_name) in modules.items():
+        if not _own_module(module_name):
             continue
         stem = module_name.rsplit(".", 1)[-1]
-        relative = f"{component}/{stem}.py" if component else f"{stem}.py"
+        relative = f"{stem}.py" if key == "_class_name" else f"{key}/{stem}.py"
         (save_directory / relative).write_text(flat_module_source(module_name), encoding="utf-8")
         written.append(relative)
-        model_index[component or "_class_name"] = [stem, type(obj).__name__]
+        model_index[key] = [stem, class_name]
     index_path.write_text(json.dumps(model_index, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     return written
 
@@ -224,7 +225,7 @@ def library_model_index(config: dict[str, Any]) -> dict[str, Any]:
     mapped back to this package's classes (``["transformer_sit", "SiTTransformer2DModel"]`` →
     ``["diffusers_repa.models.transformer_sit", "SiTTransformer2DModel"]``, ``_class_name`` → ``"SiTPipeline"``), so
     that loading uses the installed library and never runs the saved files. Other entries are returned unchanged."""
-    package = sys.modules.get(PACKAGE) or importlib.import_module(PACKAGE)
+    package = importlib.import_module(PACKAGE)
     mapped = dict(config)
     for key, entry in config.items():
         if not (isinstance(entry, (list, tuple)) and len(entry) == 2 and all(isinstance(part, str) for part in entry)):
