@@ -423,7 +423,9 @@ def test_compile_transformer_rejects_bad_modes(transformer, mode, match):
 def test_lora_weights_round_trip(tmp_path, writer):
     # Without metadata in the file, alpha defaults to the rank; with it, alpha = 2·rank must be restored.
     alpha = 4 if writer == "bare_peft_dict" else 8
-    config = LoraConfig(r=4, lora_alpha=alpha, target_modules=["to_qkv", "to_out"], init_lora_weights=False)
+    config = LoraConfig(
+        r=4, lora_alpha=alpha, target_modules=["to_q", "to_k", "to_v", "to_out.0"], init_lora_weights=False
+    )
     tuned = tiny_sit()
     tuned.add_adapter(config)
     if writer == "pipeline":
