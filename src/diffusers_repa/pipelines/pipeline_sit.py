@@ -123,7 +123,7 @@ class SiTPipeline(DiffusionPipeline, SiTLoraLoaderMixin):
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
 
-    def save_pretrained(self, save_directory: str | Path, push_to_hub: bool = False, **kwargs) -> None:
+    def save_pretrained(self, save_directory: str | Path, *, push_to_hub: bool = False, **kwargs) -> None:
         """diffusers' `save_pretrained`, plus the code of the pipeline and of its components that are this package's
         classes, so that plain diffusers loads the folder without this package:
         ``DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)``.
