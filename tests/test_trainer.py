@@ -556,6 +556,9 @@ def test_broken_checkpoint_files_are_errors_that_name_the_file(assets, tmp_path)
 
     state_file = checkpoint / "trainer_state.json"
     state = json.loads(state_file.read_text())
+    state_file.write_text(json.dumps({key: value for key, value in state.items() if key != "format"}))
+    with pytest.raises(ValueError, match=r"another version of diffusers-repa \(checkpoint format 1, this one reads 2"):
+        resume()
     state_file.write_text(json.dumps({**state, "global_step": "1"}))
     with pytest.raises(ValueError, match=r"'global_step' must be a non-negative integer, got '1'"):
         resume()

@@ -69,6 +69,10 @@ logger = get_logger(__name__)
 
 EMA_WEIGHTS_NAME = "ema.safetensors"
 TRAINER_STATE_NAME = "trainer_state.json"
+# Version of what a checkpoint holds. 2: SiT attention as to_q/to_k/to_v/to_out.0 (diffusers' names), EMA of
+# diffusers' EMAModel, the run's settings recorded. Optimizer states follow the parameter order, so a checkpoint
+# of another format cannot continue in this version.
+CHECKPOINT_FORMAT = 2
 ENCODER_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -426,6 +430,7 @@ class REPATrainer:
         if self.accelerator.is_main_process:
             save_file(ema_weights, folder / EMA_WEIGHTS_NAME)
             state = {
+                "format": CHECKPOINT_FORMAT,
                 **self._run_layout(),
                 "ema_updates": self.ema.optimization_step,
                 "settings": result_settings(self.args),
@@ -450,6 +455,13 @@ class REPATrainer:
         experiment (layout and settings), that it can continue, and that this process's random state is there."""
         args = self.args
         saved = read_trainer_state(folder / TRAINER_STATE_NAME)
+        if saved.get("format", 1) != CHECKPOINT_FORMAT:
+            raise ValueError(
+                f"{folder} was written by another version of diffusers-repa (checkpoint format {saved.get('format', 1)}, "
+                f"this one reads {CHECKPOINT_FORMAT}: parameter names and the optimizer's parameter order differ). "
+                "Finish that run with the version that started it, or fine-tune its export in a new --output_dir "
+                "(--pretrained_model)."
+            )
         current = self._run_layout()
         mismatched = {
             key: (saved[key], current[key]) for key in current if key != "global_step" and saved[key] != current[key]
