@@ -17,6 +17,7 @@ import pytest
 import torch
 from diffusers import DiffusionPipeline
 from huggingface_hub import ModelCard
+from peft import LoraConfig
 
 from diffusers_repa.models import SiTTransformer2DModel
 from diffusers_repa.pipelines import SiTPipeline
@@ -48,8 +49,10 @@ import numpy as np, torch
 from diffusers import DiffusionPipeline
 
 torch.set_num_threads(1)
-for folder, output, labels in json.loads(sys.argv[1]):
+for folder, lora, output, labels in json.loads(sys.argv[1]):
     pipe = DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)
+    if lora is not None:
+        pipe.load_lora_weights(lora)
     pipe.set_progress_bar_config(disable=True)
     generator = torch.Generator().manual_seed(0)
     images = pipe(labels, num_inference_steps=4, guidance_scale=2.0, generator=generator, output_type="np").images
@@ -57,7 +60,24 @@ for folder, output, labels in json.loads(sys.argv[1]):
     print(folder, type(pipe).__module__, type(pipe.transformer).__module__, type(pipe.scheduler).__module__)
 print("loaded:", sorted(name for name in sys.modules if name.startswith("diffusers_repa")))
 """
-LABELS = {"latent": [0, 1, 2], "pixel": ["digit 1", 7], "export": [2, 0]}  # class names from id2label too
+# Name → (saved pipeline, LoRA adapter on it or None, class labels: names from id2label too).
+CASES = {
+    "latent": ("latent", None, [0, 1, 2]),
+    "pixel": ("pixel", None, ["digit 1", 7]),
+    "export": ("export", None, [2, 0]),
+    "lora": ("latent", "lora", [0, 1, 2]),
+}
+
+
+def with_random_zero_weights(pipe: SiTPipeline) -> SiTPipeline:
+    """`pipe` with the weights that adaLN-Zero starts at zero drawn at random (seed 0), so that every block, the final
+    layer and a LoRA adapter on the attention change the images."""
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for parameter in pipe.transformer.parameters():
+            if not parameter.any():
+                parameter.normal_(std=0.1)
+    return pipe
 
 
 def pixel_pipeline() -> SiTPipeline:
@@ -73,36 +93,46 @@ def pixel_pipeline() -> SiTPipeline:
         num_classes=10,
         projection_dims=(),
     )
-    return SiTPipeline(
+    pipe = SiTPipeline(
         transformer=transformer,
         vae=None,
         scheduler=SiTODEScheduler(solver="heun"),
         id2label={str(i): f"digit {i}" for i in range(10)},
     )
+    return with_random_zero_weights(pipe)
 
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory, single_thread) -> dict[str, Path]:
     """Folders written by `save_pretrained` (a latent and a pixel-space pipeline) and by the trainer's export."""
     root = tmp_path_factory.mktemp("remote_code")
-    tiny_sit_pipeline(latent_size=4, depth=1, num_classes=3).save_pretrained(root / "latent")
+    latent = with_random_zero_weights(tiny_sit_pipeline(latent_size=4, depth=1, num_classes=3))
+    latent.save_pretrained(root / "latent")
+    torch.manual_seed(0)
+    latent.transformer.add_adapter(
+        LoraConfig(r=2, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"], init_lora_weights=False)
+    )
+    latent.transformer.save_lora_adapter(root / "lora")  # what the trainer's LoRA export writes
     pixel_pipeline().save_pretrained(root / "pixel")
     write_export(
         root / "export",
-        tiny_sit_pipeline(latent_size=4, depth=2, num_classes=3),
+        with_random_zero_weights(tiny_sit_pipeline(latent_size=4, depth=2, num_classes=3)),
         lora=False,
         grid=PIL.Image.new("RGB", (8, 8)),
         card=ModelCard("---\nlibrary_name: diffusers\n---\n# tiny\n"),
         global_step=1,
     )
-    return {name: root / name for name in LABELS}
+    return {name: root / name for name in ("latent", "pixel", "export", "lora")}
 
 
 @pytest.fixture(scope="module")
 def remote_images(saved, tmp_path_factory) -> dict[str, np.ndarray]:
     """Images that plain diffusers draws from each saved folder, in a Python without this package."""
     work = tmp_path_factory.mktemp("remote_run")
-    jobs = [(str(saved[name]), str(work / f"{name}.npy"), labels) for name, labels in LABELS.items()]
+    jobs = [
+        (str(saved[folder]), lora and str(saved[lora]), str(work / f"{name}.npy"), labels)
+        for name, (folder, lora, labels) in CASES.items()
+    ]
     env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
     env["HF_MODULES_CACHE"] = str(work / "modules")
     result = subprocess.run(
@@ -115,21 +145,29 @@ def remote_images(saved, tmp_path_factory) -> dict[str, np.ndarray]:
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "loaded: []" in result.stdout
-    for name in LABELS:  # the classes came from the saved files
-        assert f"{saved[name]} diffusers_modules.local.pipeline_sit diffusers_modules.local.transformer_sit" in (
+    for folder in ("latent", "pixel", "export"):  # the classes came from the saved files
+        assert f"{saved[folder]} diffusers_modules.local.pipeline_sit diffusers_modules.local.transformer_sit" in (
             result.stdout
         )
-    return {name: np.load(work / f"{name}.npy") for name in LABELS}
+    return {name: np.load(work / f"{name}.npy") for name in CASES}
 
 
-@pytest.mark.parametrize("name", list(LABELS))
+@pytest.mark.parametrize("name", list(CASES))
 def test_plain_diffusers_without_this_package_draws_the_same_images(saved, remote_images, name):
-    pipe = SiTPipeline.from_pretrained(saved[name])
+    folder, lora, labels = CASES[name]
+    pipe = SiTPipeline.from_pretrained(saved[folder])
+    if lora is not None:
+        pipe.load_lora_weights(saved[lora])
     pipe.set_progress_bar_config(disable=True)
     generator = torch.Generator().manual_seed(0)
-    images = pipe(LABELS[name], num_inference_steps=4, guidance_scale=2.0, generator=generator, output_type="np")
+    images = pipe(labels, num_inference_steps=4, guidance_scale=2.0, generator=generator, output_type="np")
     assert images.images.shape == remote_images[name].shape
     np.testing.assert_array_equal(images.images, remote_images[name])
+
+
+def test_the_lora_adapter_changes_the_remote_images(remote_images):
+    """The same draws with the adapter loaded: the model's (randomised) attention shapes the images."""
+    assert np.abs(remote_images["lora"] - remote_images["latent"]).max() > 1e-3
 
 
 def imported_packages(source: str) -> set[str]:
