@@ -240,17 +240,14 @@ def test_generated_transformer_is_the_library_one(tmp_path, single_thread):
     path = tmp_path / "transformer_sit.py"
     path.write_text(flat_module_source(SiTTransformer2DModel.__module__))
     generated = load_generated(path, "generated_transformer_sit").SiTTransformer2DModel
-    torch.manual_seed(0)
-    model = SiTTransformer2DModel(
-        sample_size=4, patch_size=2, hidden_size=32, depth=2, num_attention_heads=2, num_classes=3, encoder_depth=1,
-        projector_dim=16, projection_dims=(8,),
-    ).eval()  # fmt: skip
+    model = with_random_zero_weights(tiny_sit_pipeline(latent_size=4, depth=2, num_classes=3)).transformer.eval()
     copy = generated.from_config(model.config).eval()
-    assert copy.load_state_dict(model.state_dict()) is not None
+    copy.load_state_dict(model.state_dict())  # strict: the same parameter and buffer names
     assert [name for name, _ in copy.named_parameters()] == [name for name, _ in model.named_parameters()]
     inputs = {"timestep": torch.tensor([0.3, 0.9]), "class_labels": torch.tensor([0, 3])}
     x = torch.randn(2, 4, 4, 4)
     expected, actual = model(x, **inputs), copy(x, **inputs)
+    assert expected.sample.abs().min() > 0
     torch.testing.assert_close(actual.sample, expected.sample, rtol=0, atol=0)
     for got, want in zip(actual.projections, expected.projections, strict=True):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
