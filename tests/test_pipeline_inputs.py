@@ -372,3 +372,9 @@ def test_script_entry_point_exits_with_one_line_and_debug_shows_the_traceback(tm
     ]
     debug = subprocess.run([*command, "--debug"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert debug.returncode == 1 and "Traceback" in debug.stderr and "FileNotFoundError" in debug.stderr
+
+
+def test_a_mistyped_local_pipeline_path_says_so(tmp_path):
+    (tmp_path / "pipeline").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"pipline"):
+        SiTPipeline.from_pretrained(str(tmp_path / "pipline"))

@@ -6,6 +6,7 @@ import difflib
 import inspect
 import json
 import math
+import os
 from collections.abc import Callable, Mapping, Sequence
 from functools import cache
 from pathlib import Path
@@ -24,6 +25,7 @@ from huggingface_hub import snapshot_download
 
 from ..latents import vae_latent_shift_and_scale
 from ..models.transformer_sit import SiTTransformer2DModel
+from ..pretrained_paths import check_pretrained_source
 from ..schedulers.scheduling_sit_ode import SiTODEScheduler
 from ..schedulers.scheduling_sit_sde import SiTSDEScheduler
 from ..schedulers.scheduling_utils_sit import check_num_inference_steps, sampling_dtype
@@ -160,6 +162,13 @@ class SiTPipeline(DiffusionPipeline, SiTLoraLoaderMixin):
         if isinstance(loaded, tuple):
             return (library_model_index(loaded[0]), *loaded[1:])
         return library_model_index(loaded)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> SiTPipeline:
+        """diffusers' `from_pretrained`, after checking that a local path (``./x``, ``/x``, ``runs/x``) is a saved
+        pipeline folder: a mistyped one is reported as such, not as an invalid repo id or a network problem."""
+        check_pretrained_source(pretrained_model_name_or_path)
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 
     @classmethod
     def download(cls, pretrained_model_name: str, **kwargs) -> str:
