@@ -1,5 +1,7 @@
 """SiTTransformer2DModel: parity with the original REPA model, presets, save/load, training features, errors."""
 
+import json
+
 import pytest
 import torch
 
@@ -223,3 +225,15 @@ def test_regional_compile_matches_eager(tiny_model):
     with torch.no_grad():
         output = compiled(reference["x"], reference["t"], reference["y"])
     assert relative_error(output.sample, reference["velocity"]) <= 1e-5
+
+
+@pytest.mark.parametrize(
+    ("field", "value"), [("sample_size", "8"), ("depth", 0), ("num_classes", 2.5), ("projection_dims", [32, True])]
+)
+def test_an_edited_config_names_the_wrong_field(tmp_path, field, value):
+    model = SiTTransformer2DModel(sample_size=8, hidden_size=32, depth=2, num_attention_heads=2, encoder_depth=1)
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, field: value}))
+    with pytest.raises(ValueError, match=r"SiTTransformer2DModel config: .* must be a positive int"):
+        SiTTransformer2DModel.from_pretrained(tmp_path)

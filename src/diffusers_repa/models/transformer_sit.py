@@ -293,6 +293,21 @@ class SiTTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, Attention
         qk_norm: bool = False,
     ):
         super().__init__()
+        # An edited config.json fails here, naming the field, rather than deep inside torch.
+        sizes = {
+            "sample_size": sample_size, "patch_size": patch_size, "in_channels": in_channels,
+            "hidden_size": hidden_size, "depth": depth, "num_attention_heads": num_attention_heads,
+            "num_classes": num_classes, "encoder_depth": encoder_depth, "projector_dim": projector_dim,
+        }  # fmt: skip
+        for name, value in {**sizes, **{f"projection_dims[{i}]": d for i, d in enumerate(projection_dims)}}.items():
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"SiTTransformer2DModel config: {name} must be a positive int, got {value!r}.")
+        if isinstance(mlp_ratio, bool) or not isinstance(mlp_ratio, (int, float)) or mlp_ratio <= 0:
+            raise ValueError(f"SiTTransformer2DModel config: mlp_ratio must be a positive number, got {mlp_ratio!r}.")
+        if isinstance(class_dropout_prob, bool) or not 0 <= class_dropout_prob <= 1:
+            raise ValueError(
+                f"SiTTransformer2DModel config: class_dropout_prob must be in [0, 1], got {class_dropout_prob!r}."
+            )
         if sample_size % patch_size != 0:
             raise ValueError(f"sample_size ({sample_size}) must be divisible by patch_size ({patch_size}).")
         if hidden_size % num_attention_heads != 0:
