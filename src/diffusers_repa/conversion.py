@@ -51,15 +51,23 @@ _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 _QUERY_KEY = re.compile(r"^(?P<path>.+\.attn\.)to_q\.(?P<rest>.+)$")
 
 
-def _prefix_pattern(prefix: str) -> re.Pattern:
-    return re.compile("^" + re.escape(prefix).replace(re.escape("{i}"), r"(\d+)"))
+RenameTable = list[tuple[re.Pattern, str]]
 
 
-_TO_OURS = [(_prefix_pattern(original), ours) for original, ours in _NAME_PAIRS]
-_TO_ORIGINAL = [(_prefix_pattern(ours), original) for original, ours in _NAME_PAIRS]
+def rename_tables(name_pairs: list[tuple[str, str]]) -> tuple[RenameTable, RenameTable]:
+    """(original → ours, ours → original) tables of key prefixes; ``{i}`` in a prefix matches a block index."""
+
+    def pattern(prefix: str) -> re.Pattern:
+        return re.compile("^" + re.escape(prefix).replace(re.escape("{i}"), r"(\d+)"))
+
+    return (
+        [(pattern(original), ours) for original, ours in name_pairs],
+        [(pattern(ours), original) for original, ours in name_pairs],
+    )
 
 
-def _rename(key: str, table: list[tuple[re.Pattern, str]]) -> str | None:
+def rename_key(key: str, table: RenameTable) -> str | None:
+    """`key` with its prefix replaced by the table's first matching entry (block index carried over), or None."""
     for pattern, target in table:
         match = pattern.match(key)
         if match:
@@ -67,8 +75,8 @@ def _rename(key: str, table: list[tuple[re.Pattern, str]]) -> str | None:
     return None
 
 
-def _strip_wrappers(key: str) -> str:
-    """Drop the prefixes DDP and torch.compile add to parameter names."""
+def strip_wrapper_prefixes(key: str) -> str:
+    """Drop the prefixes DDP (``module.``) and torch.compile (``_orig_mod.``) add to parameter names."""
     changed = True
     while changed:
         changed = False
@@ -76,6 +84,9 @@ def _strip_wrappers(key: str) -> str:
             if key.startswith(prefix):
                 key, changed = key[len(prefix) :], True
     return key
+
+
+_TO_OURS, _TO_ORIGINAL = rename_tables(_NAME_PAIRS)
 
 
 def convert_repa_state_dict(original: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -86,10 +97,10 @@ def convert_repa_state_dict(original: dict[str, torch.Tensor]) -> dict[str, torc
     """
     converted, unknown = {}, []
     for raw_key, tensor in original.items():
-        key = _strip_wrappers(raw_key)
+        key = strip_wrapper_prefixes(raw_key)
         if key == "pos_embed":
             continue
-        new_key = _rename(key, _TO_OURS)
+        new_key = rename_key(key, _TO_OURS)
         if new_key is None:
             unknown.append(raw_key)
         else:
@@ -121,7 +132,7 @@ def export_to_repa_state_dict(model: SiTTransformer2DModel) -> dict[str, torch.T
     """The model's weights under the original REPA key names (with ``pos_embed``), loadable by the original code."""
     exported = {}
     for key, tensor in _fuse_qkv(model.state_dict()).items():
-        original_key = _rename(key, _TO_ORIGINAL)
+        original_key = rename_key(key, _TO_ORIGINAL)
         if original_key is None:
             raise ValueError(f"No original REPA name for parameter {key!r}.")
         exported[original_key] = tensor.detach().clone()
@@ -172,7 +183,7 @@ def infer_sit_config(
     depth match the weights.
     """
     args = args or {}
-    state_dict = {_strip_wrappers(key): value for key, value in state_dict.items()}
+    state_dict = {strip_wrapper_prefixes(key): value for key, value in state_dict.items()}
     if "x_embedder.proj.weight" not in state_dict:
         raise ValueError("Not an original REPA/SiT state dict: 'x_embedder.proj.weight' is missing.")
     hidden_size, in_channels, patch_size, _ = state_dict["x_embedder.proj.weight"].shape

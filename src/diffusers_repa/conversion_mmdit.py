@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 import torch
 
-from .conversion import load_repa_checkpoint
+from .conversion import load_repa_checkpoint, rename_key, rename_tables, strip_wrapper_prefixes
 from .models.transformer_mmdit import MMDIT_HEAD_DIM, MMDiTTransformer2DModel
 
 # Original name prefix -> our name prefix; "{i}" stands for a block index. The qkv entries name the module that
@@ -49,35 +49,9 @@ _QKV_TARGETS = {"to_qkv": ("to_q", "to_k", "to_v"), "add_qkv_proj": ("add_q_proj
 _FUSED_KEY = re.compile(r"^(?P<path>.+\.attn\.)(?P<fused>to_qkv|add_qkv_proj)\.(?P<rest>weight|bias)$")
 _SPLIT_KEY = re.compile(r"^(?P<path>.+\.attn\.)(?P<name>to_q|add_q_proj)\.(?P<rest>weight|bias)$")
 _FUSED_COPY = re.compile(r"\.attn\.(to_qkv|to_added_qkv)\.")
-_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
 
-def _prefix_pattern(prefix: str) -> re.Pattern:
-    return re.compile("^" + re.escape(prefix).replace(re.escape("{i}"), r"(\d+)"))
-
-
-_TO_OURS = [(_prefix_pattern(original), ours) for original, ours in _NAME_PAIRS]
-_TO_ORIGINAL = [(_prefix_pattern(ours), original) for original, ours in _NAME_PAIRS]
-
-
-def _rename(key: str, table: list[tuple[re.Pattern, str]]) -> str | None:
-    for pattern, replacement in table:
-        match = pattern.match(key)
-        if match is not None:
-            prefix = replacement.replace("{i}", match.group(1)) if match.groups() else replacement
-            return prefix + key[match.end() :]
-    return None
-
-
-def _strip_wrappers(key: str) -> str:
-    """Drop DDP's ``module.`` and torch.compile's ``_orig_mod.`` prefixes."""
-    stripped = True
-    while stripped:
-        stripped = False
-        for prefix in _WRAPPER_PREFIXES:
-            if key.startswith(prefix):
-                key, stripped = key[len(prefix) :], True
-    return key
+_TO_OURS, _TO_ORIGINAL = rename_tables(_NAME_PAIRS)
 
 
 def _is_two_chunk_adaln(our_key: str, tensor: torch.Tensor, hidden_size: int) -> bool:
@@ -98,7 +72,7 @@ def convert_mmdit_state_dict(original: dict[str, torch.Tensor]) -> dict[str, tor
     ``pos_embed`` (1, (S/p)², D) becomes ``pos_embed.pos_embed``: the original stores the table with the weights
     and so does diffusers' `PatchEmbed` when it crops.
     """
-    original = {_strip_wrappers(key): value for key, value in original.items()}
+    original = {strip_wrapper_prefixes(key): value for key, value in original.items()}
     if "x_embedder.proj.weight" not in original or not any(key.startswith("joint_blocks.") for key in original):
         raise ValueError(
             "Not an original REPA MMDiT state dict: 'x_embedder.proj.weight' or 'joint_blocks.*' missing."
@@ -109,7 +83,7 @@ def convert_mmdit_state_dict(original: dict[str, torch.Tensor]) -> dict[str, tor
         if key == "pos_embed":
             converted["pos_embed.pos_embed"] = tensor
             continue
-        ours = _rename(key, _TO_OURS)
+        ours = rename_key(key, _TO_OURS)
         if ours is None:
             raise ValueError(f"Unexpected parameter {key!r} in the original MMDiT state dict.")
         if _is_two_chunk_adaln(ours, tensor, hidden_size):
@@ -138,7 +112,7 @@ def export_to_mmdit_state_dict(model: MMDiTTransformer2DModel) -> dict[str, torc
         parts = [state_dict.pop(f"{match['path']}{name}.{match['rest']}") for name in _QKV_TARGETS[fused_name]]
         state_dict[f"{match['path']}{fused_name}.{match['rest']}"] = torch.cat(parts)
     for key, tensor in state_dict.items():
-        original_key = _rename(key, _TO_ORIGINAL)
+        original_key = rename_key(key, _TO_ORIGINAL)
         if original_key is None:
             raise ValueError(f"No original MMDiT name for parameter {key!r}.")
         exported[original_key] = (
@@ -156,7 +130,7 @@ def infer_mmdit_config(
     else the checkpoint's training ``args`` (``train_t2i.py`` stores ``encoder_depth``), else the original's
     default 8.
     """
-    state_dict = {_strip_wrappers(key): value for key, value in state_dict.items()}
+    state_dict = {strip_wrapper_prefixes(key): value for key, value in state_dict.items()}
     if "x_embedder.proj.weight" not in state_dict:
         raise ValueError("Not an original REPA MMDiT state dict: 'x_embedder.proj.weight' is missing.")
     hidden_size, in_channels, patch_size, _ = state_dict["x_embedder.proj.weight"].shape
