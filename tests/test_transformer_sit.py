@@ -237,3 +237,13 @@ def test_an_edited_config_names_the_wrong_field(tmp_path, field, value):
     (tmp_path / "config.json").write_text(json.dumps({**config, field: value}))
     with pytest.raises(ValueError, match=r"SiTTransformer2DModel config: .* must be a positive int"):
         SiTTransformer2DModel.from_pretrained(tmp_path)
+
+
+def test_a_config_that_is_not_a_json_object_is_named(tmp_path):
+    SiTTransformer2DModel(
+        sample_size=8, hidden_size=32, depth=2, num_attention_heads=2, encoder_depth=1
+    ).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps([config]))
+    with pytest.raises(ValueError, match=r"config.json must hold a JSON object of SiTTransformer2DModel settings"):
+        SiTTransformer2DModel.from_pretrained(tmp_path)

@@ -54,3 +54,20 @@ def check_pretrained_source(
     close = difflib.get_close_matches(path.name, [entry.name for entry in existing.iterdir()], n=3)
     hint = f"; similar names in {existing}/: {', '.join(close)}" if close else ""
     raise FileNotFoundError(f"No such {what} folder: {name} (a local path, not a Hub repo id){hint}.")
+
+
+class JSONObjectConfigMixin:
+    """For diffusers `ConfigMixin` classes: `load_config` refuses a config file that holds anything but a JSON object
+    of settings (diffusers would take e.g. a JSON list for a Hub id and report a connection problem). List it before
+    `ConfigMixin`'s subclasses in the bases."""
+
+    @classmethod
+    def load_config(cls, pretrained_model_name_or_path: str | os.PathLike | dict, *args, **kwargs):
+        loaded = super().load_config(pretrained_model_name_or_path, *args, **kwargs)
+        config = loaded[0] if isinstance(loaded, tuple) else loaded
+        if not isinstance(config, dict):
+            path = Path(pretrained_model_name_or_path) / (kwargs.get("subfolder") or "") / cls.config_name
+            raise ValueError(
+                f"{path} must hold a JSON object of {cls.__name__} settings, not a JSON {type(config).__name__}."
+            )
+        return loaded

@@ -25,6 +25,8 @@ from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import BaseOutput
 from torch import nn
 
+from ..pretrained_paths import JSONObjectConfigMixin
+
 # Sizes of the original SiT family: (depth, hidden size, attention heads, default REPA encoder depth).
 # The encoder depths are the paper's choices (block 4 for S/B, block 8 for L/XL).
 SIT_SIZES: dict[str, tuple[int, int, int, int]] = {
@@ -253,7 +255,7 @@ def _build_projector(hidden_size: int, projector_dim: int, projection_dim: int) 
     )
 
 
-class SiTTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, AttentionMixin):
+class SiTTransformer2DModel(JSONObjectConfigMixin, ModelMixin, ConfigMixin, PeftAdapterMixin, AttentionMixin):
     r"""Class-conditional SiT velocity model with REPA projectors.
 
     Args:

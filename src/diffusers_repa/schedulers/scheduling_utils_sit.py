@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import importlib
-import os
-from pathlib import Path
 
 import torch
+
+from ..pretrained_paths import JSONObjectConfigMixin
 
 
 def sampling_dtype(device: torch.device | str | None) -> torch.dtype:
@@ -23,7 +23,7 @@ def check_num_inference_steps(num_inference_steps: int) -> None:
         raise ValueError(f"num_inference_steps must be a positive integer, got {num_inference_steps!r}.")
 
 
-class SiTSchedulerMixin:
+class SiTSchedulerMixin(JSONObjectConfigMixin):
     r"""diffusers' scheduler conventions shared by the continuous-time SiT schedulers (listed before diffusers'
     `SchedulerMixin` in their bases).
 
@@ -53,18 +53,6 @@ class SiTSchedulerMixin:
         names = dict.fromkeys([cls.__name__, *cls._compatibles])
         found = [classes.get(name) or getattr(diffusers, name, None) for name in names]
         return [scheduler for scheduler in found if scheduler is not None]
-
-    @classmethod
-    def load_config(cls, pretrained_model_name_or_path: str | os.PathLike | dict, *args, **kwargs):
-        """diffusers' `load_config`, refusing a config file that holds anything but a JSON object of settings."""
-        loaded = super().load_config(pretrained_model_name_or_path, *args, **kwargs)
-        config = loaded[0] if isinstance(loaded, tuple) else loaded
-        if not isinstance(config, dict):
-            path = Path(pretrained_model_name_or_path) / (kwargs.get("subfolder") or "") / cls.config_name
-            raise ValueError(
-                f"{path} must hold a JSON object of {cls.__name__} settings, not a JSON {type(config).__name__}."
-            )
-        return loaded
 
     def __len__(self) -> int:
         """1: `timesteps` are the model's continuous time t itself (see the class docstring)."""
