@@ -6,6 +6,8 @@
 # make (tests/test_fsdp2.py covers the step and the EMA on FSDP2 shards on the CPU). For each engine it trains the
 # main job (training/configs/quickstart.yaml, bf16) for 20 steps straight, and 10 steps then 10 more resumed from the
 # step-10 checkpoint, and compares the exported EMA weights of the two (they must be equal) and the evaluation.
+# First, the GPU attention backends (cuDNN, efficient, flash, FA3, sage, xFormers, whichever are installed) against
+# float32 attention at SiT-XL's head size (tests/test_attention.py; needs pytest, missing packages are skipped).
 # Results: $OUT (default outputs/gpu_engines) gets gpu_engines.log and one line per engine at the end.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -16,11 +18,17 @@ export HF_HUB_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
 exec > >(tee "$OUT/gpu_engines.log") 2>&1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+summary=()
+
+if "$PYTHON" -c "import pytest" 2>/dev/null; then
+  timeout 300 "$PYTHON" -m pytest tests/test_attention.py -k gpu_backends -q -rs -p no:cacheprovider &&
+    summary+=("attention backends: see the pytest lines above") || summary+=("attention backends: FAILED")
+else
+  summary+=("attention backends: skipped (pytest is not installed)")
+fi
 
 TRAIN=(training/train_repa.py --config training/configs/quickstart.yaml --mixed_precision bf16 --report_to none
   --checkpointing_steps 10 --eval_steps 20 --eval_num_samples 50)
-summary=()
-
 check() { # check NAME LAUNCH_FLAGS...: straight vs resumed under one engine
   local name=$1 folder=$OUT/$1
   shift
