@@ -133,7 +133,8 @@ def test_save_and_load_round_trip(tiny_model, tmp_path):
     tiny_model.save_pretrained(tmp_path)
     assert (tmp_path / "diffusion_pytorch_model.safetensors").is_file()
     loaded = SiTTransformer2DModel.from_pretrained(tmp_path).eval()
-    assert {k: v for k, v in loaded.config.items() if k != "_name_or_path"} == dict(tiny_model.config)
+    settings = {name: value for name, value in tiny_model.config.items() if not name.startswith("_")}
+    assert {name: value for name, value in loaded.config.items() if not name.startswith("_")} == settings
     reference = load_reference("forward")
     with torch.no_grad():
         expected = tiny_model(reference["x"], reference["t"], reference["y"])
@@ -247,3 +248,17 @@ def test_a_config_that_is_not_a_json_object_is_named(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps([config]))
     with pytest.raises(ValueError, match=r"config.json must hold a JSON object of SiTTransformer2DModel settings"):
         SiTTransformer2DModel.from_pretrained(tmp_path)
+
+
+def test_a_config_edited_to_another_sample_size_warns(tmp_path, caplog):
+    model = SiTTransformer2DModel(sample_size=8, hidden_size=32, depth=2, num_attention_heads=2, encoder_depth=1)
+    model.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["trained_sample_size"] == 8
+    with caplog.at_level("WARNING"):
+        SiTTransformer2DModel.from_pretrained(tmp_path)
+    assert "differs" not in caplog.text
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "sample_size": 4}))
+    with caplog.at_level("WARNING"):
+        SiTTransformer2DModel.from_pretrained(tmp_path)
+    assert "sample_size 4 differs from the 8 its weights were trained at" in caplog.text

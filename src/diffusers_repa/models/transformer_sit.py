@@ -22,10 +22,12 @@ from diffusers.models.attention import AttentionMixin, AttentionModuleMixin, Fee
 from diffusers.models.attention_dispatch import AttentionBackendName, dispatch_attention_fn
 from diffusers.models.embeddings import LabelEmbedding, TimestepEmbedding, Timesteps
 from diffusers.models.modeling_utils import ModelMixin
-from diffusers.utils import BaseOutput
+from diffusers.utils import BaseOutput, logging
 from torch import nn
 
 from ..pretrained_paths import JSONObjectConfigMixin
+
+logger = logging.get_logger(__name__)
 
 # Sizes of the original SiT family: (depth, hidden size, attention heads, default REPA encoder depth).
 # The encoder depths are the paper's choices (block 4 for S/B, block 8 for L/XL).
@@ -270,6 +272,10 @@ class SiTTransformer2DModel(JSONObjectConfigMixin, ModelMixin, ConfigMixin, Peft
         projection_dims (`tuple[int]`): output width of each projector, one per alignment target (the encoder's
             feature width); empty means no projectors.
         qk_norm (`bool`): LayerNorm on queries and keys.
+        trained_sample_size (`int`, *optional*): the `sample_size` the weights were made for, recorded at creation.
+            The weights cannot tell (the position table is rebuilt from the config), so a config edited to another
+            `sample_size` is only noticed by this record: loading then warns that the model samples at a size it did
+            not learn.
     """
 
     _supports_gradient_checkpointing = True
@@ -293,6 +299,7 @@ class SiTTransformer2DModel(JSONObjectConfigMixin, ModelMixin, ConfigMixin, Peft
         projector_dim: int = 2048,
         projection_dims: tuple[int, ...] = (768,),
         qk_norm: bool = False,
+        trained_sample_size: int | None = None,
     ):
         super().__init__()
         # An edited config.json fails here, naming the field, rather than deep inside torch.
@@ -323,6 +330,13 @@ class SiTTransformer2DModel(JSONObjectConfigMixin, ModelMixin, ConfigMixin, Peft
             )
         # JSON has no tuples: store a list so that a saved and reloaded config compares equal.
         self.register_to_config(projection_dims=list(projection_dims))
+        if trained_sample_size is None:
+            self.register_to_config(trained_sample_size=sample_size)
+        elif trained_sample_size != sample_size:
+            logger.warning(
+                f"SiTTransformer2DModel: sample_size {sample_size} differs from the {trained_sample_size} its weights "
+                f"were trained at; it will sample {sample_size}×{sample_size} latents it did not learn."
+            )
         self.gradient_checkpointing = False
         self.grid_size = sample_size // patch_size
 
