@@ -13,10 +13,11 @@ import shutil
 import signal
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderKL
+from diffusers import AutoencoderKL, DiTPipeline
 from safetensors.torch import load_file
 
 import diffusers_repa.training.hub as hub_module
@@ -26,8 +27,10 @@ from diffusers_repa.losses import REPALossOutput, projection_loss
 from diffusers_repa.models.tiny_vae import save_tiny_random_vae
 from diffusers_repa.models.transformer_sit import SiTTransformer2DModel
 from diffusers_repa.pipelines.pipeline_sit import SiTPipeline
+from diffusers_repa.repa_head import TransformerWithREPAHead
 from diffusers_repa.schedulers import SiTSDEScheduler
 from diffusers_repa.training import (
+    DDPMObjective,
     NonFiniteLossError,
     OutputDirInUseError,
     REPATrainer,
@@ -635,3 +638,31 @@ def test_fine_tuning_refuses_size_flags_that_the_pretrained_model_does_not_have(
     args = tiny_args(assets, tmp_path / "run", pretrained_model=str(base_pipeline), lora_rank=4, hidden_size=64)
     with pytest.raises(ValueError, match=r"has hidden_size 32, not hidden_size 64: leave those flags out"):
         REPATrainer(args)
+
+
+# ------------------------------------------------------------------------------------------ DiT + improved DDPM
+
+
+def test_dit_with_repa_trains_resumes_exactly_and_exports_a_dit_pipeline(assets, tmp_path):
+    # DiT-S/2 resized: 4×4×4 latents, patch 2 → a 2×2 token grid, the tiny encoder's; REPA head after block 1.
+    settings = {"model": "DiT-S/2", "max_train_steps": 4, "checkpointing_steps": 2}
+    straight = trained(assets, tmp_path / "straight", **settings)
+    assert straight.is_dit and isinstance(straight.objective, DDPMObjective)
+    assert isinstance(straight.unwrapped_model, TransformerWithREPAHead)
+    assert straight.num_nonfinite_steps == 0
+
+    trained(assets, tmp_path / "resumed", **{**settings, "max_train_steps": 2})
+    resumed = trained(assets, tmp_path / "resumed", **settings, resume_from_checkpoint="latest")
+    assert_same_tensors(parameters(resumed.unwrapped_model), parameters(straight.unwrapped_model), rtol=0, atol=0)
+    assert_same_tensors(parameters(resumed.ema_model), parameters(straight.ema_model), rtol=0, atol=0)
+
+    pipe = DiTPipeline.from_pretrained(tmp_path / "resumed" / "pipeline")  # plain diffusers, no REPA head inside
+    assert pipe.transformer.config.out_channels == 8 and not hasattr(pipe.transformer, "head")
+    images = pipe(class_labels=[0, 3], num_inference_steps=3, guidance_scale=4.0, output_type="np").images
+    assert images.shape == (2, RESOLUTION, RESOLUTION, 3) and np.isfinite(images).all()
+    assert "DiTPipeline.from_pretrained" in (tmp_path / "resumed" / "pipeline" / "README.md").read_text()
+
+
+def test_dit_presets_refuse_what_their_path_does_not_do(assets, tmp_path):
+    with pytest.raises(ValueError, match=r"--model DiT-S/2 \(a DiT\) does not support --compile"):
+        tiny_args(assets, tmp_path, model="DiT-S/2", compile=True)

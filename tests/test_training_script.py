@@ -57,7 +57,7 @@ def test_flags_override_the_config_file(tmp_path):
     args = parse_training_args(["--config", str(config), "--max_train_steps", "20", "--encoder", "a,b"])
     assert (args.learning_rate, args.max_train_steps, args.allow_tf32, args.hflip) == (2e-4, 20, False, True)
     assert args.cache_dir is None and args.encoder_names == ["a", "b"]
-    for name in ("quickstart.yaml", "sit-b-2.yaml", "sit-l-2.yaml", "sit-xl-2.yaml"):
+    for name in ("quickstart.yaml", "sit-b-2.yaml", "sit-l-2.yaml", "sit-xl-2.yaml", "dit-xl-2.yaml"):
         assert isinstance(parse_training_args(["--config", str(CONFIGS / name)]), REPATrainingArguments)
 
 

@@ -29,8 +29,8 @@ from ..pretrained_paths import JSONObjectConfigMixin
 
 logger = logging.get_logger(__name__)
 
-# Sizes of the original SiT family: (depth, hidden size, attention heads, default REPA encoder depth).
-# The encoder depths are the paper's choices (block 4 for S/B, block 8 for L/XL).
+# Sizes of the original SiT family (DiT's are the same): (depth, hidden size, attention heads, default REPA encoder
+# depth). The encoder depths are the paper's choices (block 4 for S/B, block 8 for L/XL).
 SIT_SIZES: dict[str, tuple[int, int, int, int]] = {
     "S": (12, 384, 6, 4),
     "B": (12, 768, 12, 4),
@@ -39,24 +39,31 @@ SIT_SIZES: dict[str, tuple[int, int, int, int]] = {
 }
 SIT_PATCH_SIZES = (2, 4, 8)
 SIT_PRESETS = tuple(f"SiT-{size}/{patch}" for size in SIT_SIZES for patch in SIT_PATCH_SIZES)
+# DiT (improved-DDPM objective, the paper's other model): diffusers' DiTTransformer2DModel at the same sizes.
+DIT_PRESETS = tuple(f"DiT-{size}/{patch}" for size in SIT_SIZES for patch in SIT_PATCH_SIZES)
 
-_PRESET_PATTERN = re.compile(r"^sit-(s|b|l|xl)/(\d+)$", re.IGNORECASE)
+_PRESET_PATTERN = re.compile(r"^(sit|dit)-(s|b|l|xl)/(\d+)$", re.IGNORECASE)
+
+
+def preset_family(name: str) -> str:
+    """``"SiT"`` or ``"DiT"``: the model family a preset name (``"DiT-XL/2"``) asks for."""
+    return "DiT" if name.strip().lower().startswith("dit-") else "SiT"
 
 
 def parse_sit_preset(name: str) -> dict[str, int]:
-    """Config values of a preset name such as ``"SiT-XL/2"`` (case-insensitive).
+    """Config values of a preset name such as ``"SiT-XL/2"`` or ``"DiT-XL/2"`` (case-insensitive).
 
     Returns ``depth``, ``hidden_size``, ``num_attention_heads``, ``patch_size`` and ``encoder_depth``.
     """
     match = _PRESET_PATTERN.match(name.strip())
-    if match is None or int(match.group(2)) not in SIT_PATCH_SIZES:
-        raise ValueError(f"Unknown SiT preset {name!r}. Choose one of: {', '.join(SIT_PRESETS)}.")
-    depth, hidden_size, heads, encoder_depth = SIT_SIZES[match.group(1).upper()]
+    if match is None or int(match.group(3)) not in SIT_PATCH_SIZES:
+        raise ValueError(f"Unknown SiT preset {name!r}. Choose one of: {', '.join(SIT_PRESETS + DIT_PRESETS)}.")
+    depth, hidden_size, heads, encoder_depth = SIT_SIZES[match.group(2).upper()]
     return {
         "depth": depth,
         "hidden_size": hidden_size,
         "num_attention_heads": heads,
-        "patch_size": int(match.group(2)),
+        "patch_size": int(match.group(3)),
         "encoder_depth": encoder_depth,
     }
 
@@ -361,6 +368,8 @@ class SiTTransformer2DModel(JSONObjectConfigMixin, ModelMixin, ConfigMixin, Peft
 
         Keyword arguments override the preset (e.g. ``encoder_depth``, ``projection_dims``).
         """
+        if preset_family(name) != "SiT":
+            raise ValueError(f"{name} is a DiT preset: DiTs are diffusers' DiTTransformer2DModel, not a SiT.")
         return cls(**{**parse_sit_preset(name), **config})
 
     def _init_weights(self) -> None:

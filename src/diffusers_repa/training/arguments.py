@@ -82,7 +82,13 @@ class REPATrainingArguments:
     hub_private_repo: bool = field(default=False, metadata=_help("Create the Hub repo as private."))
 
     # Model
-    model: str = field(default="SiT-XL/2", metadata=_help("SiT preset: SiT-{S,B,L,XL}/{2,4,8}."))
+    model: str = field(
+        default="SiT-XL/2",
+        metadata=_help(
+            "Preset: SiT-{S,B,L,XL}/{2,4,8} (flow matching), or DiT-{S,B,L,XL}/{2,4,8} (diffusers' DiT with learned "
+            "variance, trained with DiT's improved-DDPM objective)."
+        ),
+    )
     depth: int | None = field(default=None, metadata=_help("Override the preset's number of blocks."))
     hidden_size: int | None = field(default=None, metadata=_help("Override the preset's width."))
     num_attention_heads: int | None = field(default=None, metadata=_help("Override the preset's heads."))
@@ -242,6 +248,17 @@ class REPATrainingArguments:
                     f"{source} {encoder_depth} is not a block of a {depth}-block model (--depth, or {self.model}'s): "
                     f"pass --encoder_depth between 1 and {depth}."
                 )
+        if self.model.strip().lower().startswith("dit-"):
+            # What the DiT path (diffusers' DiTTransformer2DModel and DiTPipeline) does not do yet.
+            unsupported = {
+                "--pretrained_model / --lora_rank": self.pretrained_model is not None or self.lora_rank,
+                "--compile": self.compile,
+                "--vae none (DiTPipeline decodes latents)": self.vae.strip().lower() == "none",
+                "--qk_norm": self.qk_norm,
+            }
+            named = [flag for flag, given in unsupported.items() if given]
+            if named:
+                raise ValueError(f"--model {self.model} (a DiT) does not support {', '.join(named)} yet; drop it.")
 
     @property
     def use_lora(self) -> bool:

@@ -4,6 +4,7 @@ adapter, with a sample grid and a model card), written atomically."""
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import math
 import shutil
@@ -12,9 +13,9 @@ from pathlib import Path
 
 import PIL.Image
 import torch
+from diffusers import DiffusionPipeline
 from diffusers.utils import make_image_grid
 
-from ..pipelines.pipeline_sit import SiTPipeline
 from .hub import remove_local_paths
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
@@ -25,7 +26,7 @@ MIN_GRID_IMAGE_SIDE = 64  # pixels per image in a sample grid, at least
 
 @torch.no_grad()
 def sample_grid(
-    pipeline: SiTPipeline,
+    pipeline: DiffusionPipeline,
     labels: list[int],
     noise: torch.Tensor,
     num_inference_steps: int,
@@ -36,13 +37,15 @@ def sample_grid(
     """Images of `pipeline` for `labels` from the fixed initial `noise` (N, C, h, w), as one grid (rows × cols as
     square as the count allows; images under 64 px enlarged by an integer factor, nearest neighbour)."""
     pipeline.set_progress_bar_config(disable=True)
+    # diffusers' DiTPipeline draws its initial noise from the generator alone (it takes no `latents`).
+    takes_latents = "latents" in inspect.signature(pipeline.__call__).parameters
     with autocast():
         images = pipeline(
             class_labels=labels,
             num_inference_steps=num_inference_steps,
             guidance_scale=guidance_scale,
-            latents=noise,
             generator=torch.Generator(pipeline.device).manual_seed(seed),
+            **({"latents": noise} if takes_latents else {}),
         ).images
     if images[0].width < MIN_GRID_IMAGE_SIDE:  # tiny images (e.g. 16-px digits): enlarged, pixels kept sharp
         factor = math.ceil(MIN_GRID_IMAGE_SIDE / images[0].width)
@@ -59,7 +62,7 @@ def export_step(export_dir: str | Path) -> int | None:
 
 def write_export(
     export_dir: str | Path,
-    pipeline: SiTPipeline,
+    pipeline: DiffusionPipeline,
     *,
     lora: bool,
     grid: PIL.Image.Image,

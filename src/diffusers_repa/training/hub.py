@@ -160,7 +160,8 @@ def render_model_card(
         raise FileNotFoundError(f"Model card template {template_path} not found; pass template_path=.")
     is_lora = args.use_lora
     base_model_on_hub = args.pretrained_model is not None and not is_local_path(args.pretrained_model)
-    tags = ["diffusers", "sit", "repa", "class-conditional", "image-generation"] + (["lora"] if is_lora else [])
+    family = "dit" if args.model.strip().lower().startswith("dit-") else "sit"
+    tags = ["diffusers", family, "repa", "class-conditional", "image-generation"] + (["lora"] if is_lora else [])
     model_name = (
         args.hub_model_id.rstrip("/").split("/")[-1] if args.hub_model_id else Path(args.output_dir).resolve().name
     )
@@ -187,6 +188,7 @@ def render_model_card(
         model_name=model_name,
         repo_id=repo_id,
         is_lora=is_lora,
+        is_dit=family == "dit",
         lora_rank=args.lora_rank,
         base_model=_card_value(args.pretrained_model),
         base_model_url=f"https://huggingface.co/{args.pretrained_model}" if base_model_on_hub else None,

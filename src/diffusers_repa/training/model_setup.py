@@ -1,13 +1,17 @@
-"""The trained model and its optimizer, as the run's arguments ask for them: a new SiT of a preset size, or a
-pretrained one fine-tuned in full or with LoRA adapters."""
+"""The trained model and its optimizer, as the run's arguments ask for them: a new SiT of a preset size, a pretrained
+one fine-tuned in full or with LoRA adapters, or a new DiT (diffusers' `DiTTransformer2DModel` with learned variance,
+for the improved-DDPM objective) with a `REPAHead`."""
 
 from __future__ import annotations
 
 import torch
+from diffusers import DiTTransformer2DModel
 from peft import LoraConfig
+from torch import nn
 
 from ..data import LatentCacheInfo
-from ..models.transformer_sit import SiTTransformer2DModel, parse_sit_preset
+from ..models.transformer_sit import SiTTransformer2DModel, parse_sit_preset, preset_family
+from ..repa_head import REPAHead, TransformerWithREPAHead
 from .arguments import REPATrainingArguments
 
 # LoRA goes on the attention and MLP linears of every block (names relative to a SiTBlock; the attention ones are
@@ -24,11 +28,56 @@ def resolve_encoder_depth(args: REPATrainingArguments) -> int:
     return parse_sit_preset(args.model)["encoder_depth"]
 
 
-def build_model(
-    args: REPATrainingArguments, info: LatentCacheInfo, projection_dims: tuple[int, ...]
-) -> SiTTransformer2DModel:
-    """A new SiT of the preset size for the cache's inputs (latents, or pixels without a VAE), or the
-    `--pretrained_model` transformer (with LoRA adapters if asked), with one projector per alignment target."""
+# diffusers' DiTPipeline draws the unconditional half of classifier-free guidance with class id 1000, so a DiT keeps
+# ImageNet's 1000-entry label table (+ the null class) whatever the dataset's classes.
+DIT_NUM_CLASSES = 1000
+
+
+def build_dit(args: REPATrainingArguments, info: LatentCacheInfo, projection_dims: tuple[int, ...]) -> nn.Module:
+    """A new `DiTTransformer2DModel` of the preset size with learned variance (2C output channels) and label dropout
+    `--cfg_prob`, wrapped with a `REPAHead` after block `--encoder_depth` when there are alignment targets."""
+    preset = parse_sit_preset(args.model)
+    depth, hidden, heads = (args.depth or preset["depth"]), args.hidden_size, args.num_attention_heads
+    hidden, heads = hidden or preset["hidden_size"], heads or preset["num_attention_heads"]
+    if info.num_classes > DIT_NUM_CLASSES:
+        raise ValueError(
+            f"A DiT has {DIT_NUM_CLASSES} classes (diffusers' DiTPipeline); the dataset has {info.num_classes}."
+        )
+    dit = DiTTransformer2DModel(
+        num_attention_heads=heads,
+        attention_head_dim=hidden // heads,
+        in_channels=info.latent_channels,
+        out_channels=2 * info.latent_channels,  # ε and the variance interpolation v
+        num_layers=depth,
+        sample_size=info.latent_size,
+        patch_size=preset["patch_size"],
+        num_embeds_ada_norm=DIT_NUM_CLASSES,
+    )
+    for block in dit.transformer_blocks:  # diffusers fixes DiT's label dropout at 0.1; --cfg_prob decides here
+        block.norm1.emb.class_embedder.dropout_prob = args.cfg_prob
+    if not projection_dims:
+        return dit
+    head = REPAHead.for_transformer(dit, projection_dims, args.encoder_depth, args.projector_dim)
+    return TransformerWithREPAHead(dit, head)
+
+
+def diffusion_transformer(model: nn.Module) -> nn.Module:
+    """The diffusers transformer inside `model` (itself, or the one a `TransformerWithREPAHead` wraps)."""
+    return model.transformer if isinstance(model, TransformerWithREPAHead) else model
+
+
+def token_count(model: nn.Module) -> int:
+    """Image tokens T = (sample_size / patch_size)² of a SiT, a DiT or a wrapped one."""
+    config = diffusion_transformer(model).config
+    return (config.sample_size // config.patch_size) ** 2
+
+
+def build_model(args: REPATrainingArguments, info: LatentCacheInfo, projection_dims: tuple[int, ...]) -> nn.Module:
+    """A new SiT of the preset size for the cache's inputs (latents, or pixels without a VAE), the
+    `--pretrained_model` transformer (with LoRA adapters if asked), with one projector per alignment target — or, for
+    a DiT preset, [`build_dit`]."""
+    if preset_family(args.model) == "DiT":
+        return build_dit(args, info, projection_dims)
     if args.pretrained_model is None:
         sizes = {
             "depth": args.depth,

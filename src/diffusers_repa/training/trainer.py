@@ -40,13 +40,14 @@ from accelerate.utils import (
     ProjectConfiguration,
     set_seed,
 )
-from diffusers import AutoencoderKL
+from diffusers import AutoencoderKL, DiTPipeline, DPMSolverMultistepScheduler, SchedulerMixin
 from safetensors.torch import save_file
 from torch.distributed.tensor import DTensor
 from tqdm.auto import tqdm
 
 from ..encoders import check_token_grid, load_encoders
 from ..latents import latent_shift_and_scale
+from ..models.transformer_sit import preset_family
 from ..pipelines.pipeline_sit import SiTPipeline
 from ..schedulers import SiTODEScheduler, SiTSDEScheduler
 from .arguments import REPATrainingArguments
@@ -55,8 +56,8 @@ from .data_setup import build_cache_loader
 from .ema import copy_ema_to, create_ema, ema_state_dict, load_ema_state_dict
 from .export import export_step, sample_grid, write_export
 from .hub import SampleGridInfo, push_export_to_hub, render_model_card
-from .model_setup import build_model, build_optimizer, resolve_encoder_depth
-from .objectives import REPAFlowObjective
+from .model_setup import build_model, build_optimizer, diffusion_transformer, resolve_encoder_depth, token_count
+from .objectives import DDPMObjective, REPAFlowObjective
 from .periodic_eval import EVAL_PLOT_NAME, PeriodicEvaluation
 from .run_lock import acquire_run_lock
 from .run_settings import check_resume_settings, result_settings
@@ -167,9 +168,9 @@ class REPATrainer:
         model = build_model(args, info, projection_dims=tuple(encoder.embed_dim for encoder in self.encoders))
         if not args.interpolate_targets:
             for encoder in self.encoders:
-                check_token_grid(encoder, model.num_tokens)
+                check_token_grid(encoder, token_count(model))
         if args.gradient_checkpointing:
-            model.enable_gradient_checkpointing()
+            diffusion_transformer(model).enable_gradient_checkpointing()
         model.to(device).train()  # label dropout (classifier-free guidance) happens inside the model in train mode
         # Copied before `prepare` (which patches the instance's `forward` with autocast, a patch a copy would inherit)
         # and before compiling (a copy of a compiled module would run the original's blocks).
@@ -193,16 +194,20 @@ class REPATrainer:
         shift, scale = latent_shift_and_scale(
             info.scaling_factor, info.shift_factor, info.latents_mean, info.latents_std
         )
-        self.objective = REPAFlowObjective(
+        # The objective of the model family: SiT's flow matching, or DiT's improved DDPM (same inputs and targets).
+        self.is_dit = preset_family(args.model) == "DiT"
+        objective_kwargs = (
+            {"path_type": args.path_type, "time_sampling": args.time_sampling} if not self.is_dit else {}
+        )
+        self.objective = (DDPMObjective if self.is_dit else REPAFlowObjective)(
             self.encoders,
             proj_coeff=args.proj_coeff,
-            path_type=args.path_type,
-            time_sampling=args.time_sampling,
             latent_shift=shift.to(device),
             latent_scale=scale.to(device),
-            target_num_tokens=self.unwrapped_model.num_tokens if args.interpolate_targets else None,
+            target_num_tokens=token_count(self.unwrapped_model) if args.interpolate_targets else None,
             alignment_stop_step=args.alignment_stop_step,
             autocast=accelerator.autocast,
+            **objective_kwargs,
         )
         self.training_step = TrainingStep(
             accelerator,
@@ -349,14 +354,17 @@ class REPATrainer:
             name: f"{value:.4g}" for name, value in logs.items() if name in ("loss", "projection_loss", "grad_norm")
         }
 
-    def make_pipeline(self, scheduler: SiTODEScheduler | SiTSDEScheduler) -> SiTPipeline:
-        """A `SiTPipeline` around the EMA transformer, the VAE (none in pixel space) and the dataset's class names
-        (call `sync_ema_model()` on every process first)."""
+    def make_pipeline(self, scheduler: SchedulerMixin) -> SiTPipeline | DiTPipeline:
+        """The inference pipeline of the EMA weights: a `SiTPipeline` (with the VAE, none in pixel space) or, for a DiT,
+        diffusers' `DiTPipeline`, with the dataset's class names (call `sync_ema_model()` on every process first)."""
+        if self.is_dit:
+            transformer = diffusion_transformer(self.ema_model)  # the REPA head is a training-only part
+            return DiTPipeline(transformer, self.vae, scheduler, id2label=self.cache_info.id2label)
         return SiTPipeline(
             transformer=self.ema_model, vae=self.vae, scheduler=scheduler, id2label=self.cache_info.id2label
         )
 
-    def sample_grid(self, pipeline: SiTPipeline | None = None) -> PIL.Image.Image:
+    def sample_grid(self, pipeline: SiTPipeline | DiTPipeline | None = None) -> PIL.Image.Image:
         """Images of the EMA weights for the fixed validation labels and noise, as one grid."""
         args = self.args
         pipeline = pipeline or self.make_pipeline(self._sampling_scheduler())
@@ -388,9 +396,13 @@ class REPATrainer:
         )
         return self.eval_metrics
 
-    def _sampling_scheduler(self) -> SiTODEScheduler | SiTSDEScheduler:
-        """The scheduler of validation grids and evaluations (`--validation_sampler`)."""
-        if self.args.validation_sampler == "ode":
+    def _sampling_scheduler(self, export: bool = False) -> SchedulerMixin:
+        """The scheduler of validation grids and evaluations (`--validation_sampler`) or, with `export`, of the
+        exported pipeline (SiT: the SDE sampler of the paper's results). A DiT samples with DPM-Solver++ on DiT's
+        1000-step linear β schedule (diffusers' defaults), without its learned variance."""
+        if self.is_dit:
+            return DPMSolverMultistepScheduler()
+        if self.args.validation_sampler == "ode" and not export:
             return SiTODEScheduler()
         return SiTSDEScheduler(path_type=self.args.path_type)
 
@@ -545,10 +557,11 @@ class REPATrainer:
         accelerator.wait_for_everyone()
         self.sync_ema_model()  # collective under FSDP2
         if accelerator.is_main_process:
-            pipeline = self.make_pipeline(SiTSDEScheduler(path_type=args.path_type))
+            pipeline = self.make_pipeline(self._sampling_scheduler(export=True))
             grid = self.sample_grid(pipeline)
             grid_info = SampleGridInfo(
-                "samples.png", self.validation_labels, "sde", args.validation_inference_steps,
+                "samples.png", self.validation_labels, "dpm-solver++" if self.is_dit else "sde",
+                args.validation_inference_steps,
                 args.validation_guidance_scale,
             )  # fmt: skip
             repo_id = args.hub_model_id or (  # what the card loads: the Hub repo, or the export folder as typed
