@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderKL, DiTPipeline
+from diffusers import AutoencoderKL, DiTPipeline, DiTTransformer2DModel, DPMSolverMultistepScheduler
 from safetensors.torch import load_file
 
 import diffusers_repa.training.hub as hub_module
@@ -666,3 +666,22 @@ def test_dit_with_repa_trains_resumes_exactly_and_exports_a_dit_pipeline(assets,
 def test_dit_presets_refuse_what_their_path_does_not_do(assets, tmp_path):
     with pytest.raises(ValueError, match=r"--model DiT-S/2 \(a DiT\) does not support --compile"):
         tiny_args(assets, tmp_path, model="DiT-S/2", compile=True)
+
+
+def test_a_pretrained_dit_is_fine_tuned_with_repa(assets, tmp_path):
+    torch.manual_seed(0)
+    dit = DiTTransformer2DModel(
+        num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=8, num_layers=2, sample_size=4,
+        patch_size=2, num_embeds_ada_norm=1000,
+    )  # fmt: skip
+    base = tmp_path / "base"
+    DiTPipeline(dit, AutoencoderKL.from_pretrained(assets.vae), DPMSolverMultistepScheduler()).save_pretrained(base)
+    sizes = {"depth": None, "hidden_size": None, "num_attention_heads": None}
+    tuned = trained(
+        assets, tmp_path / "run", model="DiT-S/2", pretrained_model=str(base), max_train_steps=2, **sizes
+    ).ema_model.transformer
+    start = DiTTransformer2DModel.from_pretrained(base, subfolder="transformer")
+    changes = [(a - b).abs().max().item() for a, b in zip(tuned.parameters(), start.parameters(), strict=True)]
+    assert 0 < max(changes) < 0.01  # two AdamW steps of lr 1e-3 from the pretrained weights, not a new model
+    with pytest.raises(ValueError, match="leave out --depth/--hidden_size/--num_attention_heads"):
+        REPATrainer(tiny_args(assets, tmp_path / "other", model="DiT-S/2", pretrained_model=str(base), depth=3))

@@ -251,7 +251,7 @@ class REPATrainingArguments:
         if self.model.strip().lower().startswith("dit-"):
             # What the DiT path (diffusers' DiTTransformer2DModel and DiTPipeline) does not do yet.
             unsupported = {
-                "--pretrained_model / --lora_rank": self.pretrained_model is not None or self.lora_rank,
+                "--lora_rank": self.lora_rank,
                 "--compile": self.compile,
                 "--vae none (DiTPipeline decodes latents)": self.vae.strip().lower() == "none",
                 "--qk_norm": self.qk_norm,

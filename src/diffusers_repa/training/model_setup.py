@@ -23,7 +23,7 @@ def resolve_encoder_depth(args: REPATrainingArguments) -> int:
     """The block whose output is aligned: --encoder_depth, else the pretrained model's or the preset's."""
     if args.encoder_depth is not None:
         return args.encoder_depth
-    if args.pretrained_model is not None:
+    if args.pretrained_model is not None and preset_family(args.model) == "SiT":
         return SiTTransformer2DModel.load_config(args.pretrained_model, subfolder="transformer")["encoder_depth"]
     return parse_sit_preset(args.model)["encoder_depth"]
 
@@ -36,29 +36,56 @@ DIT_NUM_CLASSES = 1000
 def build_dit(args: REPATrainingArguments, info: LatentCacheInfo, projection_dims: tuple[int, ...]) -> nn.Module:
     """A new `DiTTransformer2DModel` of the preset size with learned variance (2C output channels) and label dropout
     `--cfg_prob`, wrapped with a `REPAHead` after block `--encoder_depth` when there are alignment targets."""
-    preset = parse_sit_preset(args.model)
-    depth, hidden, heads = (args.depth or preset["depth"]), args.hidden_size, args.num_attention_heads
-    hidden, heads = hidden or preset["hidden_size"], heads or preset["num_attention_heads"]
     if info.num_classes > DIT_NUM_CLASSES:
         raise ValueError(
             f"A DiT has {DIT_NUM_CLASSES} classes (diffusers' DiTPipeline); the dataset has {info.num_classes}."
         )
-    dit = DiTTransformer2DModel(
-        num_attention_heads=heads,
-        attention_head_dim=hidden // heads,
-        in_channels=info.latent_channels,
-        out_channels=2 * info.latent_channels,  # ε and the variance interpolation v
-        num_layers=depth,
-        sample_size=info.latent_size,
-        patch_size=preset["patch_size"],
-        num_embeds_ada_norm=DIT_NUM_CLASSES,
-    )
+    if args.pretrained_model is not None:
+        dit = _pretrained_dit(args, info)
+    else:
+        preset = parse_sit_preset(args.model)
+        hidden = args.hidden_size or preset["hidden_size"]
+        heads = args.num_attention_heads or preset["num_attention_heads"]
+        dit = DiTTransformer2DModel(
+            num_attention_heads=heads,
+            attention_head_dim=hidden // heads,
+            in_channels=info.latent_channels,
+            out_channels=2 * info.latent_channels,  # ε and the variance interpolation v
+            num_layers=args.depth or preset["depth"],
+            sample_size=info.latent_size,
+            patch_size=preset["patch_size"],
+            num_embeds_ada_norm=DIT_NUM_CLASSES,
+        )
     for block in dit.transformer_blocks:  # diffusers fixes DiT's label dropout at 0.1; --cfg_prob decides here
         block.norm1.emb.class_embedder.dropout_prob = args.cfg_prob
     if not projection_dims:
         return dit
     head = REPAHead.for_transformer(dit, projection_dims, args.encoder_depth, args.projector_dim)
     return TransformerWithREPAHead(dit, head)
+
+
+def _pretrained_dit(args: REPATrainingArguments, info: LatentCacheInfo) -> DiTTransformer2DModel:
+    """The `--pretrained_model` DiT (a DiTPipeline folder or Hub id, e.g. diffusers' conversion of the official
+    DiT-XL-2-256), checked against the cache: learned variance, the latents' size and channels, DiTPipeline's labels."""
+    dit = DiTTransformer2DModel.from_pretrained(args.pretrained_model, subfolder="transformer")
+    config, name = dit.config, f"--pretrained_model {args.pretrained_model}"
+    if (config.sample_size, config.in_channels) != (info.latent_size, info.latent_channels):
+        raise ValueError(
+            f"{name} works on {config.in_channels}×{config.sample_size}² latents, the cache holds "
+            f"{info.latent_channels}×{info.latent_size}²: use the VAE and resolution of its training."
+        )
+    if config.out_channels != 2 * config.in_channels or config.num_embeds_ada_norm != DIT_NUM_CLASSES:
+        raise ValueError(
+            f"{name} is not a class-conditional DiT with learned variance ({2 * config.in_channels} output channels, "
+            f"{DIT_NUM_CLASSES} classes), which the improved-DDPM objective and DiTPipeline need."
+        )
+    sizes = {"num_layers": args.depth, "num_attention_heads": args.num_attention_heads}
+    different = {name: value for name, value in sizes.items() if value is not None and value != config[name]}
+    if different or (args.hidden_size and args.hidden_size != dit.inner_dim):
+        raise ValueError(
+            f"{name}: leave out --depth/--hidden_size/--num_attention_heads (fine-tuning keeps its size)."
+        )
+    return dit
 
 
 def diffusion_transformer(model: nn.Module) -> nn.Module:

@@ -161,7 +161,8 @@ def _check_shapes(args: REPATrainingArguments, report: _SourceReport) -> None:
                 f"{args.resolution} with {vae} gives {channels}×{latent_size}²: use the VAE and resolution of its "
                 "training."
             )
-        if args.cfg_prob > 0 and pretrained["class_dropout_prob"] == 0:
+        # A SiT records its label dropout; a diffusers DiT always has the null class (id 1000) of its label table.
+        if args.cfg_prob > 0 and pretrained.get("class_dropout_prob", 0.1) == 0:
             raise ValueError(f"{model} has no null class for label dropout; pass --cfg_prob 0.")
     if latent_size % patch_size:
         raise ValueError(
