@@ -378,3 +378,9 @@ def test_a_mistyped_local_pipeline_path_says_so(tmp_path):
     (tmp_path / "pipeline").mkdir()
     with pytest.raises(FileNotFoundError, match=r"pipline"):
         SiTPipeline.from_pretrained(str(tmp_path / "pipline"))
+
+
+def test_a_mistyped_folder_inside_a_path_is_the_one_suggested(tmp_path):
+    (tmp_path / "model" / "pipeline").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match=r"mdoel/pipeline .*similar names in .*: model\."):
+        SiTPipeline.from_pretrained(str(tmp_path / "mdoel" / "pipeline"))

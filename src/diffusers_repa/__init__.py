@@ -11,7 +11,7 @@ __version__ = "0.1.0"
 _LAZY_EXPORTS = {
     "models": ["SIT_PRESETS", "SiTTransformer2DModel", "SiTTransformer2DModelOutput"],
     "schedulers": ["SiTODEScheduler", "SiTODESchedulerOutput", "SiTSDEScheduler", "SiTSDESchedulerOutput"],
-    "pipelines": ["SiTLoraLoaderMixin", "SiTPipeline", "imagenet_id2label"],
+    "pipelines": ["MMDiTPipeline", "SiTLoraLoaderMixin", "SiTPipeline", "imagenet_id2label"],
     "conversion": ["convert_repa_checkpoint", "export_to_repa_state_dict"],
     "models.transformer_mmdit": ["MMDiTTransformer2DModel", "MMDiTTransformer2DModelOutput"],
     "conversion_mmdit": ["convert_mmdit_checkpoint", "convert_mmdit_state_dict", "export_to_mmdit_state_dict"],

@@ -51,7 +51,9 @@ def check_pretrained_source(
     if not local:
         return
     existing = next((parent for parent in path.parents if parent.is_dir()), Path("."))
-    close = difflib.get_close_matches(path.name, [entry.name for entry in existing.iterdir()], n=3)
+    # The first component that is missing is the one mistyped (`runs/pipline` or `runs/mdoel/pipeline`).
+    missing = path.relative_to(existing).parts[0] if path.is_relative_to(existing) else path.name
+    close = difflib.get_close_matches(missing, [entry.name for entry in existing.iterdir()], n=3)
     hint = f"; similar names in {existing}/: {', '.join(close)}" if close else ""
     raise FileNotFoundError(f"No such {what} folder: {name} (a local path, not a Hub repo id){hint}.")
 

@@ -1,4 +1,5 @@
 from .lora_loader_sit import SiTLoraLoaderMixin
+from .pipeline_mmdit import MMDiTPipeline
 from .pipeline_sit import COMPILE_MODES, OUTPUT_TYPES, SiTPipeline, imagenet_id2label
 
-__all__ = ["COMPILE_MODES", "OUTPUT_TYPES", "SiTLoraLoaderMixin", "SiTPipeline", "imagenet_id2label"]
+__all__ = ["COMPILE_MODES", "OUTPUT_TYPES", "MMDiTPipeline", "SiTLoraLoaderMixin", "SiTPipeline", "imagenet_id2label"]

@@ -1,0 +1,355 @@
+"""Text-to-image generation with REPA's MMDiT velocity model, as a diffusers pipeline.
+
+The sampling loop is the class-conditional [`SiTPipeline`]'s with CLIP token features in place of class labels, and
+numerically the original ``samplers_t2i.py``: inside the guidance interval the batch is doubled as
+``[conditional; unconditional]`` with the empty caption's features as the unconditional context.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+
+import torch
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+from diffusers.image_processor import VaeImageProcessor
+from diffusers.models import AutoencoderKL
+from diffusers.pipelines.pipeline_utils import DiffusionPipeline, ImagePipelineOutput
+from diffusers.utils import replace_example_docstring
+from transformers import CLIPTextModel, CLIPTokenizer
+
+from ..models.transformer_mmdit import MMDiTTransformer2DModel
+from ..schedulers.scheduling_sit_ode import SiTODEScheduler
+from ..schedulers.scheduling_sit_sde import SiTSDEScheduler
+from .pipeline_sit import SiTPipeline
+
+# The original's text features: CLIP ViT-L/14's last hidden state over 77 tokens (U-ViT's COCO preprocessing).
+CLIP_MAX_LENGTH = 77
+
+EXAMPLE_DOC_STRING = """
+    Examples:
+        ```py
+        >>> import torch
+        >>> from diffusers_repa import MMDiTPipeline
+
+        >>> pipe = MMDiTPipeline.from_pretrained("org/mmdit-repa-coco").to("cuda")
+        >>> images = pipe(
+        ...     ["a red double-decker bus on a city street", "a bowl of fruit on a wooden table"],
+        ...     num_inference_steps=50,
+        ...     guidance_scale=4.0,
+        ...     generator=torch.Generator("cuda").manual_seed(0),
+        ... ).images
+        >>> images[0].save("bus.png")
+        ```
+"""
+
+
+class MMDiTPipeline(DiffusionPipeline):
+    r"""Text-to-image generation with an [`MMDiTTransformer2DModel`] (velocity model, t = 1 noise, t = 0 data).
+
+    The text condition is the sequence of CLIP ViT-L/14 token features of the caption: the text encoder's last hidden
+    state over ``tokenizer.model_max_length`` (77) tokens, the caption truncated and padded to that length and no
+    attention mask, as the original's data preparation computes them; there is no pooled vector. The unconditional
+    context of classifier-free guidance is the same encoding of the empty caption ``""``.
+
+    Sampling starts from Gaussian latents at t = 1 and follows the scheduler to t = 0 with the state in float64
+    (float32 on MPS), as the original samplers; the latents are then decoded with the VAE (``z / scaling_factor``,
+    0.18215 for SD-VAE). Without a VAE and with a 3-channel transformer the sample is the RGB image in [-1, 1].
+
+    Classifier-free guidance: when ``guidance_scale > 1`` and ``low ≤ t ≤ high`` for the time t at which a solver
+    step starts, the conditional and unconditional contexts run as one doubled batch and the velocity becomes
+    ``uncond + w·(cond − uncond)``; outside the interval only the conditional batch runs. A Heun corrector keeps its
+    predictor's decision. `guidance_scale`, `do_classifier_free_guidance`, `num_timesteps` and `interrupt` describe
+    a running call, and a ``callback_on_step_end`` may change ``pipe._guidance_scale`` or set ``pipe._interrupt``,
+    as in [`SiTPipeline`].
+
+    Args:
+        transformer ([`MMDiTTransformer2DModel`]): the velocity model.
+        vae ([`AutoencoderKL`], *optional*): decodes latents to images; None for a pixel-space transformer
+            (``in_channels=3``) or to get only ``output_type="latent"``.
+        scheduler ([`SiTODEScheduler`] or [`SiTSDEScheduler`]): the sampler.
+        tokenizer ([`CLIPTokenizer`], *optional*), text_encoder ([`CLIPTextModel`], *optional*): encode prompts (and
+            the empty caption for guidance). Without them, pass `prompt_embeds` (and `negative_prompt_embeds` for
+            guidance).
+    """
+
+    model_cpu_offload_seq = "text_encoder->transformer->vae"
+    _optional_components = ["vae", "tokenizer", "text_encoder"]
+    _callback_tensor_inputs = ["latents"]
+
+    # Shared with the class-conditional pipeline: initial noise, decoding and the state of a running call.
+    prepare_latents = SiTPipeline.prepare_latents
+    _decode = SiTPipeline._decode
+    guidance_scale = SiTPipeline.guidance_scale
+    do_classifier_free_guidance = SiTPipeline.do_classifier_free_guidance
+    num_timesteps = SiTPipeline.num_timesteps
+    interrupt = SiTPipeline.interrupt
+
+    def __init__(
+        self,
+        transformer: MMDiTTransformer2DModel,
+        vae: AutoencoderKL | None,
+        scheduler: SiTODEScheduler | SiTSDEScheduler,
+        tokenizer: CLIPTokenizer | None = None,
+        text_encoder: CLIPTextModel | None = None,
+    ):
+        super().__init__()
+        self.register_modules(
+            transformer=transformer, vae=vae, scheduler=scheduler, tokenizer=tokenizer, text_encoder=text_encoder
+        )
+        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
+        self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
+        self.tokenizer_max_length = tokenizer.model_max_length if tokenizer is not None else CLIP_MAX_LENGTH
+
+    def _encode_text(self, texts: list[str], device: torch.device) -> torch.Tensor:
+        """CLIP token features (len(texts), tokenizer_max_length, hidden) of ``texts``, in the transformer's dtype."""
+        if self.tokenizer is None or self.text_encoder is None:
+            raise ValueError(
+                "Encoding text needs the pipeline's tokenizer and text_encoder, but it has none; pass prompt_embeds "
+                "(and negative_prompt_embeds for guidance) instead, or load the pipeline with a CLIP text encoder."
+            )
+        input_ids = self.tokenizer(
+            texts, padding="max_length", max_length=self.tokenizer_max_length, truncation=True, return_tensors="pt"
+        ).input_ids
+        features = self.text_encoder(input_ids.to(device)).last_hidden_state
+        return features.to(dtype=self.transformer.dtype)
+
+    def encode_prompt(
+        self,
+        prompt: str | list[str] | None,
+        device: torch.device,
+        do_classifier_free_guidance: bool,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The conditional and unconditional contexts, each (N, L, joint_attention_dim) on ``device``.
+
+        Args:
+            prompt: one caption or a list; ignored when `prompt_embeds` is given.
+            device: where the contexts go.
+            do_classifier_free_guidance: whether the unconditional context is needed. It is computed anyway when
+                the text encoder is present or `negative_prompt_embeds` is given (a callback may turn guidance on).
+            prompt_embeds: precomputed token features (N, L, joint_attention_dim).
+            negative_prompt_embeds: the unconditional token features, (N, L, D) or (1, L, D) (repeated over the
+                batch); the empty caption's features when not given.
+
+        Returns:
+            ``(prompt_embeds, negative_prompt_embeds)``; the second is None when it is neither needed nor obtainable.
+        """
+        if prompt_embeds is None:
+            prompt_embeds = self._encode_text([prompt] if isinstance(prompt, str) else list(prompt), device)
+        prompt_embeds = prompt_embeds.to(device=device, dtype=self.transformer.dtype)
+        batch_size = prompt_embeds.shape[0]
+        if negative_prompt_embeds is None and (do_classifier_free_guidance or self.text_encoder is not None):
+            negative_prompt_embeds = self._encode_text([""], device)
+        if negative_prompt_embeds is not None:
+            negative_prompt_embeds = negative_prompt_embeds.to(device=device, dtype=self.transformer.dtype)
+            negative_prompt_embeds = negative_prompt_embeds.expand(batch_size, -1, -1)
+        return prompt_embeds, negative_prompt_embeds
+
+    def check_inputs(
+        self,
+        prompt: str | list[str] | None,
+        prompt_embeds: torch.Tensor | None,
+        negative_prompt_embeds: torch.Tensor | None,
+        num_inference_steps: int,
+        guidance_scale: float,
+        guidance_interval: tuple[float, float],
+        generator: torch.Generator | list[torch.Generator] | None,
+        latents: torch.Tensor | None,
+        output_type: str,
+        callback_on_step_end_tensor_inputs: list[str],
+    ) -> int:
+        """Raise a ValueError naming the first invalid argument; return the batch size N.
+
+        The steps, guidance, generator, output type and callback arguments are checked as by
+        [`SiTPipeline.check_inputs`]; latents may have any height and width the transformer's position table covers
+        (multiples of ``patch_size`` up to ``sample_size``).
+        """
+        if (prompt is None) == (prompt_embeds is None):
+            raise ValueError(
+                "Pass exactly one of prompt and prompt_embeds, got " + ("both." if prompt is not None else "neither.")
+            )
+        embed_dim = self.transformer.config.joint_attention_dim
+        if prompt is not None:
+            if not isinstance(prompt, str) and (
+                not isinstance(prompt, list) or not prompt or not all(isinstance(p, str) for p in prompt)
+            ):
+                raise ValueError(f"prompt must be a string or a non-empty list of strings, got {prompt!r}.")
+            batch_size = 1 if isinstance(prompt, str) else len(prompt)
+        else:
+            if prompt_embeds.ndim != 3 or prompt_embeds.shape[-1] != embed_dim:
+                raise ValueError(
+                    f"prompt_embeds must have shape (N, L, {embed_dim}) (token features of the transformer's "
+                    f"joint_attention_dim), got {tuple(prompt_embeds.shape)}."
+                )
+            batch_size = prompt_embeds.shape[0]
+        SiTPipeline.check_inputs(
+            self,
+            batch_size,
+            num_inference_steps,
+            guidance_scale,
+            guidance_interval,
+            generator,
+            None,
+            output_type,
+            callback_on_step_end_tensor_inputs,
+        )
+        if negative_prompt_embeds is not None:
+            length = self.tokenizer_max_length if prompt_embeds is None else prompt_embeds.shape[1]
+            shape = tuple(negative_prompt_embeds.shape)
+            if len(shape) != 3 or shape[0] not in (1, batch_size) or shape[1:] != (length, embed_dim):
+                raise ValueError(
+                    f"negative_prompt_embeds must have shape ({batch_size} or 1, {length}, {embed_dim}) like the "
+                    f"conditional context, got {shape}."
+                )
+        elif guidance_scale > 1 and self.text_encoder is None:
+            raise ValueError(
+                f"guidance_scale={guidance_scale} needs an unconditional context, but this pipeline has no text "
+                "encoder to encode the empty caption; pass negative_prompt_embeds (the empty caption's CLIP token "
+                "features) or guidance_scale=1."
+            )
+        if latents is not None:
+            config = self.transformer.config
+            if not isinstance(latents, torch.Tensor) or latents.ndim != 4:
+                raise ValueError(
+                    f"latents must be a torch.Tensor of shape (N, C, H, W), got {type(latents).__name__}."
+                )
+            height, width = latents.shape[-2:]
+            if (
+                latents.shape[:2] != (batch_size, config.in_channels)
+                or height % config.patch_size
+                or width % config.patch_size
+                or max(height, width) > config.sample_size
+            ):
+                raise ValueError(
+                    f"latents must have shape ({batch_size}, {config.in_channels}, H, W) with H and W multiples of "
+                    f"{config.patch_size} up to {config.sample_size}, got {tuple(latents.shape)}."
+                )
+            if not latents.is_floating_point() or not torch.isfinite(latents).all():
+                raise ValueError("latents must be finite floating-point Gaussian noise at t = 1.")
+        return batch_size
+
+    @torch.no_grad()
+    @replace_example_docstring(EXAMPLE_DOC_STRING)
+    def __call__(
+        self,
+        prompt: str | list[str] | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 4.0,
+        guidance_interval: tuple[float, float] = (0.0, 1.0),
+        latents: torch.Tensor | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        callback_on_step_end: Callable | PipelineCallback | MultiPipelineCallbacks | None = None,
+        callback_on_step_end_tensor_inputs: list[str] = ["latents"],  # noqa: B006 (diffusers' signature)
+    ) -> ImagePipelineOutput | tuple:
+        r"""Generate one image per caption.
+
+        Args:
+            prompt: a caption or a list of captions (encoded with the pipeline's CLIP tokenizer and text encoder).
+            prompt_embeds: instead of `prompt`, the captions' token features (N, L, joint_attention_dim), e.g. the
+                original's precomputed CLIP features (N, 77, 768).
+            negative_prompt_embeds: the unconditional context (N or 1, L, joint_attention_dim); by default the empty
+                caption encoded by the text encoder. Required for guidance without a text encoder.
+            num_inference_steps: scheduler steps N (SDE and Euler: N model calls; Heun: 2N − 1).
+            guidance_scale: classifier-free guidance weight w ≥ 1, finite; 1 disables guidance.
+            guidance_interval: ``(low, high)``; guidance applies only while ``low ≤ t ≤ high`` (t = 1 noise).
+            latents: initial noise (N, C, H, W) at t = 1, H and W up to the transformer's sample_size; drawn from
+                `generator` at (N, C, sample_size, sample_size) if not given.
+            generator: random generator for the initial latents and the SDE noise, or a list of one per image.
+            output_type: ``"pil"``, ``"np"`` (N, H, W, 3) in [0, 1], ``"pt"`` (N, 3, H, W) in [0, 1], or
+                ``"latent"`` (the final latents z in the sampler's float64 state precision).
+            return_dict: return an [`ImagePipelineOutput`] instead of a tuple.
+            callback_on_step_end: a function, [`PipelineCallback`] or [`MultiPipelineCallbacks`] called after every
+                step as ``callback(pipe, i, t, callback_kwargs)``; a returned ``latents`` replaces the state.
+            callback_on_step_end_tensor_inputs: tensors passed to the callback (only ``"latents"``).
+
+        Examples:
+
+        Returns:
+            [`ImagePipelineOutput`] with ``images``, or the tuple ``(images,)``.
+        """
+        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
+        batch_size = self.check_inputs(
+            prompt,
+            prompt_embeds,
+            negative_prompt_embeds,
+            num_inference_steps,
+            guidance_scale,
+            guidance_interval,
+            generator,
+            latents,
+            output_type,
+            callback_on_step_end_tensor_inputs,
+        )
+        self._guidance_scale = guidance_scale
+        self._interrupt = False
+        config = self.transformer.config
+        device = self._execution_device
+
+        context, null_context = self.encode_prompt(
+            prompt, device, self.do_classifier_free_guidance, prompt_embeds, negative_prompt_embeds
+        )
+        guided_context = torch.cat([context, null_context]) if null_context is not None else None
+
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        step_kwargs = (
+            {"generator": generator} if "generator" in inspect.signature(self.scheduler.step).parameters else {}
+        )
+        latents = self.prepare_latents(batch_size, config.in_channels, config.sample_size, device, generator, latents)
+        low, high = guidance_interval
+
+        timesteps = self.scheduler.timesteps
+        self._num_timesteps = len(timesteps)
+        use_guidance = False
+        with self.progress_bar(total=len(timesteps)) as progress_bar:
+            for i, t in enumerate(timesteps):
+                if self.interrupt:
+                    continue
+                time = float(t)
+                if getattr(self.scheduler, "state_in_first_order", True):
+                    use_guidance = self.do_classifier_free_guidance and low <= time <= high
+                model_input = latents.to(self.transformer.dtype)
+                if use_guidance:
+                    model_input = torch.cat([model_input, model_input])
+                timestep = torch.full((model_input.shape[0],), time, device=device, dtype=torch.float32)
+                velocity = self.transformer(
+                    model_input,
+                    timestep=timestep,
+                    encoder_hidden_states=guided_context if use_guidance else context,
+                    return_projections=False,
+                ).sample.to(latents.dtype)
+                if use_guidance:
+                    conditional, unconditional = velocity.chunk(2)
+                    velocity = unconditional + self.guidance_scale * (conditional - unconditional)
+                latents = self.scheduler.step(velocity, t, latents, **step_kwargs, return_dict=False)[0]
+
+                if callback_on_step_end is not None:
+                    tensors = {"latents": latents}
+                    callback_kwargs = {name: tensors[name] for name in callback_on_step_end_tensor_inputs}
+                    callback_outputs = callback_on_step_end(self, i, t, callback_kwargs)
+                    latents = callback_outputs.pop("latents", latents)
+                    SiTPipeline._check_guidance_scale(
+                        self._guidance_scale, "guidance_scale set by callback_on_step_end"
+                    )
+                    if self.do_classifier_free_guidance and guided_context is None:
+                        raise ValueError(
+                            "callback_on_step_end turned guidance on, but there is no unconditional context; pass "
+                            "negative_prompt_embeds."
+                        )
+                progress_bar.update()
+
+        if output_type == "latent":
+            images = latents
+        else:
+            images = self.image_processor.postprocess(self._decode(latents), output_type=output_type)
+
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (images,)
+        return ImagePipelineOutput(images=images)
