@@ -76,6 +76,7 @@ def main(argv: list[str] | None = None) -> None:
     import torch
     from diffusers.utils import make_image_grid
 
+    from diffusers_repa.evaluation.image_io import enlarge_small_images
     from diffusers_repa.pipelines.pipeline_sit import SiTPipeline
     from diffusers_repa.schedulers import SiTODEScheduler, SiTSDEScheduler
 
@@ -98,10 +99,11 @@ def main(argv: list[str] | None = None) -> None:
         generator=generator,
     ).images
 
-    cols = min(args.cols or math.ceil(math.sqrt(len(images))), len(images))
-    rows = math.ceil(len(images) / cols)
-    blanks = [Image.new("RGB", images[0].size)] * (rows * cols - len(images))
-    make_image_grid(images + blanks, rows=rows, cols=cols).save(args.output)
+    shown = enlarge_small_images(images)  # e.g. the 16-px digits of the quickstart; individual files stay as drawn
+    cols = min(args.cols or math.ceil(math.sqrt(len(shown))), len(shown))
+    rows = math.ceil(len(shown) / cols)
+    blanks = [Image.new("RGB", shown[0].size)] * (rows * cols - len(shown))
+    make_image_grid(shown + blanks, rows=rows, cols=cols).save(args.output)
     print(f"Wrote a {rows}x{cols} grid of {len(images)} images to {args.output}")
     if args.save_individual is not None:
         args.save_individual.mkdir(parents=True, exist_ok=True)

@@ -19,6 +19,16 @@ import numpy as np
 from PIL import Image
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+MIN_DISPLAY_SIDE = 64  # pixels per image in a grid meant to be looked at, at least
+
+
+def enlarge_small_images(images: list[Image.Image], min_side: int = MIN_DISPLAY_SIDE) -> list[Image.Image]:
+    """`images` for a grid to look at: those narrower than `min_side` (e.g. 16-px digits) enlarged by one integer
+    factor, nearest neighbour, so that every pixel stays a sharp square; larger ones unchanged."""
+    if not images or images[0].width >= min_side:
+        return images
+    factor = -(-min_side // images[0].width)
+    return [image.resize((image.width * factor, image.height * factor), Image.NEAREST) for image in images]
 
 
 @contextmanager

@@ -77,7 +77,8 @@ class MMDiTPipeline(DiffusionPipeline):
     _optional_components = ["vae", "tokenizer", "text_encoder"]
     _callback_tensor_inputs = ["latents"]
 
-    # Shared with the class-conditional pipeline: initial noise, decoding and the state of a running call.
+    # Shared with the class-conditional pipeline: input checks, initial noise, decoding and the state of a running call.
+    _check_guidance_scale = staticmethod(SiTPipeline._check_guidance_scale)
     prepare_latents = SiTPipeline.prepare_latents
     _decode = SiTPipeline._decode
     guidance_scale = SiTPipeline.guidance_scale
@@ -334,9 +335,7 @@ class MMDiTPipeline(DiffusionPipeline):
                     callback_kwargs = {name: tensors[name] for name in callback_on_step_end_tensor_inputs}
                     callback_outputs = callback_on_step_end(self, i, t, callback_kwargs)
                     latents = callback_outputs.pop("latents", latents)
-                    SiTPipeline._check_guidance_scale(
-                        self._guidance_scale, "guidance_scale set by callback_on_step_end"
-                    )
+                    self._check_guidance_scale(self._guidance_scale, "guidance_scale set by callback_on_step_end")
                     if self.do_classifier_free_guidance and guided_context is None:
                         raise ValueError(
                             "callback_on_step_end turned guidance on, but there is no unconditional context; pass "

@@ -16,12 +16,12 @@ import torch
 from diffusers import DiffusionPipeline
 from diffusers.utils import make_image_grid
 
+from ..evaluation.image_io import enlarge_small_images
 from .hub import remove_local_paths
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 SAMPLE_GRID_NAME = "samples.png"
 EXPORT_STATE_NAME = "trainer_state.json"
-MIN_GRID_IMAGE_SIDE = 64  # pixels per image in a sample grid, at least
 
 
 @torch.no_grad()
@@ -47,9 +47,7 @@ def sample_grid(
             generator=torch.Generator(pipeline.device).manual_seed(seed),
             **({"latents": noise} if takes_latents else {}),
         ).images
-    if images[0].width < MIN_GRID_IMAGE_SIDE:  # tiny images (e.g. 16-px digits): enlarged, pixels kept sharp
-        factor = math.ceil(MIN_GRID_IMAGE_SIDE / images[0].width)
-        images = [image.resize((image.width * factor, image.height * factor), PIL.Image.NEAREST) for image in images]
+    images = enlarge_small_images(images)
     rows = max(d for d in range(1, math.isqrt(len(images)) + 1) if len(images) % d == 0)
     return make_image_grid(images, rows=rows, cols=len(images) // rows)
 
