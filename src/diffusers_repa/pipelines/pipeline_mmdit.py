@@ -128,20 +128,19 @@ class MMDiTPipeline(DiffusionPipeline):
         Args:
             prompt: one caption or a list; ignored when `prompt_embeds` is given.
             device: where the contexts go.
-            do_classifier_free_guidance: whether the unconditional context is needed. It is computed anyway when
-                the text encoder is present or `negative_prompt_embeds` is given (a callback may turn guidance on).
+            do_classifier_free_guidance: whether the unconditional context is needed.
             prompt_embeds: precomputed token features (N, L, joint_attention_dim).
             negative_prompt_embeds: the unconditional token features, (N, L, D) or (1, L, D) (repeated over the
                 batch); the empty caption's features when not given.
 
         Returns:
-            ``(prompt_embeds, negative_prompt_embeds)``; the second is None when it is neither needed nor obtainable.
+            ``(prompt_embeds, negative_prompt_embeds)``; the second is None when it is neither needed nor given.
         """
         if prompt_embeds is None:
             prompt_embeds = self._encode_text([prompt] if isinstance(prompt, str) else list(prompt), device)
         prompt_embeds = prompt_embeds.to(device=device, dtype=self.transformer.dtype)
         batch_size = prompt_embeds.shape[0]
-        if negative_prompt_embeds is None and (do_classifier_free_guidance or self.text_encoder is not None):
+        if negative_prompt_embeds is None and do_classifier_free_guidance:
             negative_prompt_embeds = self._encode_text([""], device)
         if negative_prompt_embeds is not None:
             negative_prompt_embeds = negative_prompt_embeds.to(device=device, dtype=self.transformer.dtype)
@@ -209,6 +208,12 @@ class MMDiTPipeline(DiffusionPipeline):
                 f"guidance_scale={guidance_scale} needs an unconditional context, but this pipeline has no text "
                 "encoder to encode the empty caption; pass negative_prompt_embeds (the empty caption's CLIP token "
                 "features) or guidance_scale=1."
+            )
+        elif guidance_scale > 1 and prompt_embeds is not None and prompt_embeds.shape[1] != self.tokenizer_max_length:
+            raise ValueError(
+                f"prompt_embeds have {prompt_embeds.shape[1]} tokens, the empty caption's features (the unconditional "
+                f"context) {self.tokenizer_max_length}; pass negative_prompt_embeds with {prompt_embeds.shape[1]} "
+                "tokens."
             )
         if latents is not None:
             config = self.transformer.config
@@ -338,8 +343,8 @@ class MMDiTPipeline(DiffusionPipeline):
                     self._check_guidance_scale(self._guidance_scale, "guidance_scale set by callback_on_step_end")
                     if self.do_classifier_free_guidance and guided_context is None:
                         raise ValueError(
-                            "callback_on_step_end turned guidance on, but there is no unconditional context; pass "
-                            "negative_prompt_embeds."
+                            "callback_on_step_end turned guidance on, but the call has no unconditional context; "
+                            "start with guidance_scale > 1 or pass negative_prompt_embeds."
                         )
                 progress_bar.update()
 
