@@ -17,6 +17,7 @@ from diffusers_repa.pipelines import MMDiTPipeline
 from diffusers_repa.schedulers import SiTODEScheduler, SiTSDEScheduler
 
 from .conftest import REPA_REFERENCE
+from .test_pipeline_sit import write_hub_cache
 
 MMDIT_TINY = REPA_REFERENCE / "mmdit_tiny"
 META = json.loads((MMDIT_TINY / "meta.json").read_text())
@@ -304,6 +305,17 @@ def test_save_load_round_trip(tmp_path, clip):
     expected = pipe(PROMPTS, generator=torch.Generator().manual_seed(0), **kwargs).images
     actual = loaded(PROMPTS, generator=torch.Generator().manual_seed(0), **kwargs).images
     torch.testing.assert_close(actual, expected, rtol=0, atol=0)
+
+
+def test_hub_repo_id_loads_offline_from_the_cache(tmp_path, monkeypatch, clip):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    make_pipeline(tiny_transformer(), SiTSDEScheduler(), tiny_random_vae(), clip).save_pretrained(tmp_path / "saved")
+    write_hub_cache(tmp_path / "cache", "org/tiny-mmdit", tmp_path / "saved")
+
+    pipe = MMDiTPipeline.from_pretrained("org/tiny-mmdit", cache_dir=tmp_path / "cache")
+    assert pipe.name_or_path == "org/tiny-mmdit"
+    assert isinstance(pipe.transformer, MMDiTTransformer2DModel) and isinstance(pipe.text_encoder, CLIPTextModel)
 
 
 def test_lazy_package_export():

@@ -77,7 +77,9 @@ class MMDiTPipeline(DiffusionPipeline):
     _optional_components = ["vae", "tokenizer", "text_encoder"]
     _callback_tensor_inputs = ["latents"]
 
-    # Shared with the class-conditional pipeline: input checks, initial noise, decoding and the state of a running call.
+    # Shared with the class-conditional pipeline: Hub snapshots with this package's components (diffusers' own
+    # `download` refuses them), input checks, initial noise, decoding and the state of a running call.
+    download = classmethod(SiTPipeline.download.__func__)
     _check_guidance_scale = staticmethod(SiTPipeline._check_guidance_scale)
     prepare_latents = SiTPipeline.prepare_latents
     _decode = SiTPipeline._decode
