@@ -258,8 +258,9 @@ EMBEDS = torch.randn(2, 3, TEXT_DIM)
     ("kwargs", "match"),
     [
         ({"prompt_embeds": EMBEDS, "guidance_scale": 2.0}, "needs an unconditional context"),
-        ({"prompt_embeds": torch.randn(2, 3, 12)}, r"prompt_embeds must have shape \(N, L, 16\)"),
-        ({"prompt_embeds": torch.randn(2, 16)}, r"prompt_embeds must have shape \(N, L, 16\)"),
+        ({"prompt_embeds": torch.randn(2, 3, 12)}, r"prompt_embeds must be a tensor of shape \(N, L, 16\)"),
+        ({"prompt_embeds": torch.randn(2, 16)}, r"prompt_embeds must be a tensor of shape \(N, L, 16\)"),
+        ({"prompt_embeds": [[0.0] * 16]}, r"prompt_embeds must be a tensor of shape \(N, L, 16\)"),
         ({"prompt": "a cat", "prompt_embeds": EMBEDS}, "exactly one of prompt and prompt_embeds, got both"),
         ({}, "exactly one of prompt and prompt_embeds, got neither"),
         ({"prompt": "a cat"}, "needs the pipeline's tokenizer and text_encoder"),

@@ -180,10 +180,14 @@ class MMDiTPipeline(DiffusionPipeline):
                 raise ValueError(f"prompt must be a string or a non-empty list of strings, got {prompt!r}.")
             batch_size = 1 if isinstance(prompt, str) else len(prompt)
         else:
-            if prompt_embeds.ndim != 3 or prompt_embeds.shape[-1] != embed_dim:
+            if (
+                not isinstance(prompt_embeds, torch.Tensor)
+                or prompt_embeds.ndim != 3
+                or prompt_embeds.shape[-1] != embed_dim
+            ):
                 raise ValueError(
-                    f"prompt_embeds must have shape (N, L, {embed_dim}) (token features of the transformer's "
-                    f"joint_attention_dim), got {tuple(prompt_embeds.shape)}."
+                    f"prompt_embeds must be a tensor of shape (N, L, {embed_dim}) (token features of the transformer's "
+                    f"joint_attention_dim), got {getattr(prompt_embeds, 'shape', type(prompt_embeds).__name__)}."
                 )
             batch_size = prompt_embeds.shape[0]
         SiTPipeline.check_inputs(
@@ -199,8 +203,13 @@ class MMDiTPipeline(DiffusionPipeline):
         )
         if negative_prompt_embeds is not None:
             length = self.tokenizer_max_length if prompt_embeds is None else prompt_embeds.shape[1]
-            shape = tuple(negative_prompt_embeds.shape)
-            if len(shape) != 3 or shape[0] not in (1, batch_size) or shape[1:] != (length, embed_dim):
+            shape = tuple(getattr(negative_prompt_embeds, "shape", ()))
+            if (
+                not isinstance(negative_prompt_embeds, torch.Tensor)
+                or len(shape) != 3
+                or shape[0] not in (1, batch_size)
+                or shape[1:] != (length, embed_dim)
+            ):
                 raise ValueError(
                     f"negative_prompt_embeds must have shape ({batch_size} or 1, {length}, {embed_dim}) like the "
                     f"conditional context, got {shape}."
