@@ -7,7 +7,6 @@ numerically the original ``samplers_t2i.py``: inside the guidance interval the b
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
 
 import torch
@@ -21,7 +20,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 from ..models.transformer_mmdit import MMDiTTransformer2DModel
 from ..schedulers.scheduling_sit_ode import SiTODEScheduler
 from ..schedulers.scheduling_sit_sde import SiTSDEScheduler
-from .pipeline_sit import SiTPipeline
+from .flow_sampling import FlowSamplingMixin
 
 # The original's text features: CLIP ViT-L/14's last hidden state over 77 tokens (U-ViT's COCO preprocessing).
 CLIP_MAX_LENGTH = 77
@@ -44,7 +43,7 @@ EXAMPLE_DOC_STRING = """
 """
 
 
-class MMDiTPipeline(DiffusionPipeline):
+class MMDiTPipeline(FlowSamplingMixin, DiffusionPipeline):
     r"""Text-to-image generation with an [`MMDiTTransformer2DModel`] (velocity model, t = 1 noise, t = 0 data).
 
     The text condition is the sequence of CLIP ViT-L/14 token features of the caption: the text encoder's last hidden
@@ -76,17 +75,6 @@ class MMDiTPipeline(DiffusionPipeline):
     model_cpu_offload_seq = "text_encoder->transformer->vae"
     _optional_components = ["vae", "tokenizer", "text_encoder"]
     _callback_tensor_inputs = ["latents"]
-
-    # Shared with the class-conditional pipeline: Hub snapshots with this package's components (diffusers' own
-    # `download` refuses them), input checks, initial noise, decoding and the state of a running call.
-    download = classmethod(SiTPipeline.download.__func__)
-    _check_guidance_scale = staticmethod(SiTPipeline._check_guidance_scale)
-    prepare_latents = SiTPipeline.prepare_latents
-    _decode = SiTPipeline._decode
-    guidance_scale = SiTPipeline.guidance_scale
-    do_classifier_free_guidance = SiTPipeline.do_classifier_free_guidance
-    num_timesteps = SiTPipeline.num_timesteps
-    interrupt = SiTPipeline.interrupt
 
     def __init__(
         self,
@@ -165,8 +153,8 @@ class MMDiTPipeline(DiffusionPipeline):
         """Raise a ValueError naming the first invalid argument; return the batch size N.
 
         The steps, guidance, generator, output type and callback arguments are checked as by
-        [`SiTPipeline.check_inputs`]; latents may have any height and width the transformer's position table covers
-        (multiples of ``patch_size`` up to ``sample_size``).
+        [`FlowSamplingMixin.check_inputs`]; latents may have any height and width the transformer's position table
+        covers (see `_latent_size_fits`).
         """
         if (prompt is None) == (prompt_embeds is None):
             raise ValueError(
@@ -190,14 +178,13 @@ class MMDiTPipeline(DiffusionPipeline):
                     f"joint_attention_dim), got {getattr(prompt_embeds, 'shape', type(prompt_embeds).__name__)}."
                 )
             batch_size = prompt_embeds.shape[0]
-        SiTPipeline.check_inputs(
-            self,
+        super().check_inputs(
             batch_size,
             num_inference_steps,
             guidance_scale,
             guidance_interval,
             generator,
-            None,
+            latents,
             output_type,
             callback_on_step_end_tensor_inputs,
         )
@@ -226,26 +213,19 @@ class MMDiTPipeline(DiffusionPipeline):
                 f"context) {self.tokenizer_max_length}; pass negative_prompt_embeds with {prompt_embeds.shape[1]} "
                 "tokens."
             )
-        if latents is not None:
-            config = self.transformer.config
-            if not isinstance(latents, torch.Tensor) or latents.ndim != 4:
-                raise ValueError(
-                    f"latents must be a torch.Tensor of shape (N, C, H, W), got {type(latents).__name__}."
-                )
-            height, width = latents.shape[-2:]
-            if (
-                latents.shape[:2] != (batch_size, config.in_channels)
-                or height % config.patch_size
-                or width % config.patch_size
-                or max(height, width) > config.sample_size
-            ):
-                raise ValueError(
-                    f"latents must have shape ({batch_size}, {config.in_channels}, H, W) with H and W multiples of "
-                    f"{config.patch_size} up to {config.sample_size}, got {tuple(latents.shape)}."
-                )
-            if not latents.is_floating_point() or not torch.isfinite(latents).all():
-                raise ValueError("latents must be finite floating-point Gaussian noise at t = 1.")
         return batch_size
+
+    def _latent_shape(self, batch_size: int) -> tuple[int, int, str, str]:
+        config = self.transformer.config
+        note = f" with H and W multiples of {config.patch_size} up to {config.sample_size}"
+        return batch_size, config.in_channels, "H, W", note
+
+    def _latent_size_fits(self, height: int, width: int) -> bool:
+        """The position table is cropped to the input, so any multiples of patch_size up to sample_size fit."""
+        config = self.transformer.config
+        return (
+            not (height % config.patch_size or width % config.patch_size) and max(height, width) <= config.sample_size
+        )
 
     @torch.no_grad()
     @replace_example_docstring(EXAMPLE_DOC_STRING)
@@ -315,56 +295,14 @@ class MMDiTPipeline(DiffusionPipeline):
         guided_context = torch.cat([context, null_context]) if null_context is not None else None
 
         self.scheduler.set_timesteps(num_inference_steps, device=device)
-        step_kwargs = (
-            {"generator": generator} if "generator" in inspect.signature(self.scheduler.step).parameters else {}
-        )
         latents = self.prepare_latents(batch_size, config.in_channels, config.sample_size, device, generator, latents)
-        low, high = guidance_interval
-
-        timesteps = self.scheduler.timesteps
-        self._num_timesteps = len(timesteps)
-        use_guidance = False
-        with self.progress_bar(total=len(timesteps)) as progress_bar:
-            for i, t in enumerate(timesteps):
-                if self.interrupt:
-                    continue
-                time = float(t)
-                if getattr(self.scheduler, "state_in_first_order", True):
-                    use_guidance = self.do_classifier_free_guidance and low <= time <= high
-                model_input = latents.to(self.transformer.dtype)
-                if use_guidance:
-                    model_input = torch.cat([model_input, model_input])
-                timestep = torch.full((model_input.shape[0],), time, device=device, dtype=torch.float32)
-                velocity = self.transformer(
-                    model_input,
-                    timestep=timestep,
-                    encoder_hidden_states=guided_context if use_guidance else context,
-                    return_projections=False,
-                ).sample.to(latents.dtype)
-                if use_guidance:
-                    conditional, unconditional = velocity.chunk(2)
-                    velocity = unconditional + self.guidance_scale * (conditional - unconditional)
-                latents = self.scheduler.step(velocity, t, latents, **step_kwargs, return_dict=False)[0]
-
-                if callback_on_step_end is not None:
-                    tensors = {"latents": latents}
-                    callback_kwargs = {name: tensors[name] for name in callback_on_step_end_tensor_inputs}
-                    callback_outputs = callback_on_step_end(self, i, t, callback_kwargs)
-                    latents = callback_outputs.pop("latents", latents)
-                    self._check_guidance_scale(self._guidance_scale, "guidance_scale set by callback_on_step_end")
-                    if self.do_classifier_free_guidance and guided_context is None:
-                        raise ValueError(
-                            "callback_on_step_end turned guidance on, but the call has no unconditional context; "
-                            "start with guidance_scale > 1 or pass negative_prompt_embeds."
-                        )
-                progress_bar.update()
-
-        if output_type == "latent":
-            images = latents
-        else:
-            images = self.image_processor.postprocess(self._decode(latents), output_type=output_type)
-
-        self.maybe_free_model_hooks()
-        if not return_dict:
-            return (images,)
-        return ImagePipelineOutput(images=images)
+        latents = self._sample(
+            latents,
+            {"encoder_hidden_states": context},
+            {"encoder_hidden_states": guided_context} if guided_context is not None else None,
+            guidance_interval,
+            generator,
+            callback_on_step_end=callback_on_step_end,
+            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+        )
+        return self._output(latents, output_type, return_dict)

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import difflib
-import inspect
 import json
-import math
 import os
 from collections.abc import Callable, Mapping, Sequence
 from functools import cache
@@ -20,22 +18,16 @@ from diffusers.image_processor import VaeImageProcessor
 from diffusers.models import AutoencoderKL
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline, ImagePipelineOutput
 from diffusers.utils import replace_example_docstring
-from diffusers.utils.torch_utils import randn_tensor
-from huggingface_hub import snapshot_download
 
-from ..latents import vae_latent_shift_and_scale
 from ..models.transformer_sit import SiTTransformer2DModel
 from ..pretrained_paths import check_pretrained_source
 from ..schedulers.scheduling_sit_ode import SiTODEScheduler
 from ..schedulers.scheduling_sit_sde import SiTSDEScheduler
-from ..schedulers.scheduling_utils_sit import check_num_inference_steps, sampling_dtype
+from .flow_sampling import FlowSamplingMixin
 from .lora_loader_sit import SiTLoraLoaderMixin
 
-OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 CompileMode = Literal["blocks", "graph", "cuda_graphs"]
 COMPILE_MODES: tuple[str, ...] = get_args(CompileMode)
-# Weight formats a download skips unless `use_safetensors=False` is passed: this package loads safetensors only.
-_PICKLED_WEIGHT_PATTERNS = ["*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl"]
 _IMAGENET_ID2LABEL_FILE = Path(__file__).with_name("imagenet_id2label.json")
 
 EXAMPLE_DOC_STRING = """
@@ -69,7 +61,7 @@ def imagenet_id2label() -> dict[int, str]:
     return {int(key): value for key, value in _read_imagenet_id2label().items()}
 
 
-class SiTPipeline(DiffusionPipeline, SiTLoraLoaderMixin):
+class SiTPipeline(FlowSamplingMixin, DiffusionPipeline, SiTLoraLoaderMixin):
     r"""Class-conditional generation with a [`SiTTransformer2DModel`] (velocity model, t = 1 noise, t = 0 data).
 
     Sampling starts from Gaussian latents at t = 1 and follows the scheduler to t = 0; the latents are then decoded
@@ -169,31 +161,6 @@ class SiTPipeline(DiffusionPipeline, SiTLoraLoaderMixin):
         pipeline folder: a mistyped one is reported as such, not as an invalid repo id or a network problem."""
         check_pretrained_source(pretrained_model_name_or_path)
         return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
-
-    @classmethod
-    def download(cls, pretrained_model_name: str, **kwargs) -> str:
-        """Fetch (or find in the cache) a snapshot of a Hub repository and return its local folder.
-
-        diffusers' own `download` only resolves components whose classes live in diffusers or transformers and
-        refuses this package's, so the snapshot comes straight from `huggingface_hub.snapshot_download`; with
-        ``HF_HUB_OFFLINE=1`` or ``local_files_only=True`` it is served from the cache. Pickled weight files are
-        skipped unless ``use_safetensors=False``. The code files that `save_pretrained` writes for plain diffusers
-        come along but never run (see `load_config`). `from_pretrained` calls this for repo ids; local folders load
-        directly.
-
-        Keyword args used: ``cache_dir``, ``revision``, ``token``, ``force_download``, ``local_files_only``,
-        ``use_safetensors``; diffusers' other download options are ignored.
-        """
-        return snapshot_download(
-            pretrained_model_name,
-            cache_dir=kwargs.get("cache_dir"),
-            revision=kwargs.get("revision"),
-            token=kwargs.get("token"),
-            force_download=bool(kwargs.get("force_download")),
-            local_files_only=bool(kwargs.get("local_files_only")),
-            ignore_patterns=None if kwargs.get("use_safetensors") is False else _PICKLED_WEIGHT_PATTERNS,
-            user_agent={"pipeline_class": cls.__name__},
-        )
 
     def compile_transformer(self, mode: CompileMode = "blocks") -> None:
         """Compile the transformer in place for sampling, with static shapes.
@@ -301,129 +268,6 @@ class SiTPipeline(DiffusionPipeline, SiTLoraLoaderMixin):
             raise ValueError("class_labels is empty; pass at least one class id or name.")
         return ids
 
-    @staticmethod
-    def _check_guidance_scale(guidance_scale: float, what: str = "guidance_scale") -> None:
-        if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float, np.number)):
-            raise ValueError(f"{what} must be a number, got {type(guidance_scale).__name__} {guidance_scale!r}.")
-        if not math.isfinite(guidance_scale):
-            raise ValueError(
-                f"{what} must be a finite number (1 disables classifier-free guidance), got {guidance_scale}."
-            )
-
-    def check_inputs(
-        self,
-        batch_size: int,
-        num_inference_steps: int,
-        guidance_scale: float,
-        guidance_interval: tuple[float, float],
-        generator: torch.Generator | list[torch.Generator] | None,
-        latents: torch.Tensor | None,
-        output_type: str,
-        callback_on_step_end_tensor_inputs: list[str],
-    ) -> None:
-        """Raise a ValueError naming the first invalid argument (``batch_size``: the number of class labels)."""
-        check_num_inference_steps(num_inference_steps)
-        self._check_guidance_scale(guidance_scale)
-        if guidance_scale < 1:
-            raise ValueError(
-                f"guidance_scale must be >= 1 (1 disables classifier-free guidance), got {guidance_scale}."
-            )
-        if isinstance(guidance_interval, (str, bytes)) or not isinstance(guidance_interval, Sequence):
-            raise ValueError(f"guidance_interval must be a pair (low, high), got {guidance_interval!r}.")
-        if len(guidance_interval) != 2:
-            raise ValueError(f"guidance_interval must be a pair (low, high), got {guidance_interval!r}.")
-        low, high = guidance_interval
-        if not 0 <= low <= high <= 1:
-            raise ValueError(
-                f"guidance_interval must satisfy 0 <= low <= high <= 1 (times, t = 1 noise), got {guidance_interval!r}."
-            )
-        if isinstance(generator, list) and len(generator) != batch_size:
-            raise ValueError(
-                f"generator is a list of {len(generator)} generators for {batch_size} images (one per class label); "
-                "pass one generator per image, or a single generator."
-            )
-        if latents is not None:
-            config = self.transformer.config
-            shape = (batch_size, config.in_channels, config.sample_size, config.sample_size)
-            if not isinstance(latents, torch.Tensor):
-                raise ValueError(f"latents must be a torch.Tensor of shape {shape}, got {type(latents).__name__}.")
-            if tuple(latents.shape) != shape:
-                raise ValueError(
-                    f"latents must have shape {shape} (one per class label, the transformer's channels and "
-                    f"sample_size), got {tuple(latents.shape)}."
-                )
-            if not latents.is_floating_point():
-                raise ValueError(
-                    f"latents must be a floating-point tensor (standard Gaussian noise at t = 1), got {latents.dtype}."
-                )
-            if not torch.isfinite(latents).all():
-                raise ValueError("latents contain NaN or infinite values; pass finite Gaussian noise at t = 1.")
-        if output_type not in OUTPUT_TYPES:
-            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}.")
-        in_channels = self.transformer.config.in_channels
-        if output_type != "latent" and self.vae is None and in_channels != 3:
-            raise ValueError(
-                f"output_type={output_type!r} needs a VAE to decode the {in_channels}-channel latents, but this "
-                "pipeline has vae=None (only a 3-channel, pixel-space transformer samples images without one); pass "
-                "output_type='latent' or load the pipeline with a VAE."
-            )
-        unknown = [name for name in callback_on_step_end_tensor_inputs if name not in self._callback_tensor_inputs]
-        if unknown:
-            raise ValueError(f"callback_on_step_end_tensor_inputs {unknown} not in {self._callback_tensor_inputs}.")
-
-    def prepare_latents(
-        self,
-        batch_size: int,
-        num_channels_latents: int,
-        sample_size: int,
-        device: torch.device,
-        generator: torch.Generator | list[torch.Generator] | None,
-        latents: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """The initial state at t = 1, in the sampler's precision (float64; float32 on MPS) on ``device``.
-
-        Drawn as float32 Gaussian noise of shape ``(batch_size, num_channels_latents, sample_size, sample_size)``
-        (whatever the model dtype, as the original draws it: bf16 noise would be coarsely rounded), or ``latents``
-        moved there when given.
-        """
-        if latents is None:
-            shape = (batch_size, num_channels_latents, sample_size, sample_size)
-            latents = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
-        return latents.to(device=device, dtype=sampling_dtype(device))
-
-    @property
-    def guidance_scale(self) -> float:
-        """The classifier-free guidance weight w of the running (or last) call; a callback may change it through
-        ``pipe._guidance_scale``, which takes effect from the next step on."""
-        return self._guidance_scale
-
-    @property
-    def do_classifier_free_guidance(self) -> bool:
-        """Whether guidance is on at all (``guidance_scale > 1``); within a call it applies only inside
-        ``guidance_interval``."""
-        return self._guidance_scale > 1
-
-    @property
-    def num_timesteps(self) -> int:
-        """Entries of ``scheduler.timesteps`` in the running (or last) call: the number of denoising steps, i.e. of
-        `callback_on_step_end` calls (Heun: 2N − 1)."""
-        return self._num_timesteps
-
-    @property
-    def interrupt(self) -> bool:
-        """Set ``pipe._interrupt = True`` (e.g. from a callback) to skip the remaining steps; the call then returns
-        the current state, decoded."""
-        return self._interrupt
-
-    def _decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Images in [-1, 1] (not yet clamped): the VAE decoding of latents ``z``, inverting ``z = (x − shift)·scale``
-        (see `diffusers_repa.latents`), in the VAE's dtype; in pixel space the final sample itself, in float32."""
-        if self.vae is None:
-            return latents.float()
-        latents = latents.to(self.vae.dtype)
-        shift, scale = (value.to(latents) for value in vae_latent_shift_and_scale(self.vae.config))
-        return self.vae.decode(latents / scale + shift).sample
-
     @torch.no_grad()
     @replace_example_docstring(EXAMPLE_DOC_STRING)
     def __call__(
@@ -494,78 +338,17 @@ class SiTPipeline(DiffusionPipeline, SiTLoraLoaderMixin):
 
         device = self._execution_device
         self.scheduler.set_timesteps(num_inference_steps, device=device)
-        step_kwargs = {}
-        step_parameters = inspect.signature(self.scheduler.step).parameters
-        if "generator" in step_parameters:
-            step_kwargs["generator"] = generator
-        if step_noises is not None:
-            expected = getattr(self.scheduler, "num_stochastic_steps", None)
-            if "noise" not in step_parameters or expected is None:
-                raise ValueError(
-                    f"step_noises needs a scheduler that takes injected noise, not {type(self.scheduler)}."
-                )
-            if len(step_noises) != expected:
-                raise ValueError(
-                    f"step_noises must hold {expected} tensors for this schedule, got {len(step_noises)}."
-                )
-
         latents = self.prepare_latents(batch_size, config.in_channels, config.sample_size, device, generator, latents)
         labels = torch.tensor(label_ids, device=device)
-        guided_labels = torch.cat([labels, torch.full_like(labels, config.num_classes)])
-        # diffusers' flow-matching schedulers count time as t · num_train_timesteps; ours use t itself.
-        time_scale = self.scheduler.config.get("num_train_timesteps", 1)
-        low, high = guidance_interval
-
-        # Label dropout is active in training mode and would silently replace labels by the null class.
-        was_training = self.transformer.training
-        self.transformer.eval()
-        try:
-            timesteps = self.scheduler.timesteps
-            self._num_timesteps = len(timesteps)
-            use_guidance = False
-            with self.progress_bar(total=len(timesteps)) as progress_bar:
-                for i, t in enumerate(timesteps):
-                    if self.interrupt:
-                        continue
-                    time = float(t) / time_scale
-                    if getattr(self.scheduler, "state_in_first_order", True):
-                        use_guidance = self.do_classifier_free_guidance and low <= time <= high
-                    model_input = latents.to(self.transformer.dtype)
-                    if use_guidance:
-                        model_input = torch.cat([model_input, model_input])
-                    timestep = torch.full((model_input.shape[0],), time, device=device, dtype=torch.float32)
-                    velocity = self.transformer(
-                        model_input,
-                        timestep=timestep,
-                        class_labels=guided_labels if use_guidance else labels,
-                        return_projections=False,
-                    ).sample.to(latents.dtype)
-                    if use_guidance:
-                        conditional, unconditional = velocity.chunk(2)
-                        velocity = unconditional + self.guidance_scale * (conditional - unconditional)
-                    noise_kwargs = (
-                        {"noise": step_noises[i]} if step_noises is not None and i < len(step_noises) else {}
-                    )
-                    latents = self.scheduler.step(
-                        velocity, t, latents, **step_kwargs, **noise_kwargs, return_dict=False
-                    )[0]
-
-                    if callback_on_step_end is not None:
-                        tensors = {"latents": latents}
-                        callback_kwargs = {name: tensors[name] for name in callback_on_step_end_tensor_inputs}
-                        callback_outputs = callback_on_step_end(self, i, t, callback_kwargs)
-                        latents = callback_outputs.pop("latents", latents)
-                        self._check_guidance_scale(self._guidance_scale, "guidance_scale set by callback_on_step_end")
-                    progress_bar.update()
-        finally:
-            self.transformer.train(was_training)
-
-        if output_type == "latent":
-            images = latents
-        else:
-            images = self.image_processor.postprocess(self._decode(latents), output_type=output_type)
-
-        self.maybe_free_model_hooks()
-        if not return_dict:
-            return (images,)
-        return ImagePipelineOutput(images=images)
+        guided_labels = torch.cat([labels, torch.full_like(labels, config.num_classes)])  # + the null class
+        latents = self._sample(
+            latents,
+            {"class_labels": labels},
+            {"class_labels": guided_labels},
+            guidance_interval,
+            generator,
+            step_noises,
+            callback_on_step_end,
+            callback_on_step_end_tensor_inputs,
+        )
+        return self._output(latents, output_type, return_dict)
