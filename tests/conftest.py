@@ -3,7 +3,9 @@
 import importlib.util
 import json
 import os
+import shutil
 import tempfile
+from hashlib import sha1
 from pathlib import Path
 from types import ModuleType
 
@@ -105,3 +107,28 @@ def sit_tiny_meta() -> dict:
 def _deterministic_cpu():
     torch.manual_seed(0)
     yield
+
+
+def write_hub_cache(cache: Path, repo_id: str, folder: Path) -> None:
+    """Lay ``folder`` out as the cached snapshot of a Hub model repo, as an online download leaves it: files under
+    snapshots/<commit>/, refs/main, and the repo's file listing in trees/<commit>.json.
+
+    With the listing cached, diffusers' stock `download` inspects model_index.json the way it does online and
+    rejects components from this package, which `SiTPipeline.download` must get past.
+    """
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    snapshot = repo / "snapshots" / commit
+    shutil.copytree(folder, snapshot)
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    files = {
+        path.relative_to(snapshot).as_posix(): {
+            "size": path.stat().st_size,
+            "blob_id": sha1(path.read_bytes()).hexdigest(),
+        }
+        for path in snapshot.rglob("*")
+        if path.is_file()
+    }
+    (repo / "trees").mkdir()
+    (repo / "trees" / f"{commit}.json").write_text(json.dumps({"format_version": 1, "files": files}))

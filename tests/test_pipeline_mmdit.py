@@ -16,8 +16,7 @@ from diffusers_repa.models.transformer_mmdit import MMDiTTransformer2DModel
 from diffusers_repa.pipelines import MMDiTPipeline
 from diffusers_repa.schedulers import SiTODEScheduler, SiTSDEScheduler
 
-from .conftest import REPA_REFERENCE
-from .test_pipeline_sit import write_hub_cache
+from .conftest import REPA_REFERENCE, write_hub_cache
 
 MMDIT_TINY = REPA_REFERENCE / "mmdit_tiny"
 META = json.loads((MMDIT_TINY / "meta.json").read_text())

@@ -2,9 +2,6 @@
 output types, pixel space (no VAE), input errors, LoRA loading, and the pipelines/sample.py CLI."""
 
 import json
-import shutil
-from hashlib import sha1
-from pathlib import Path
 
 import numpy as np
 import PIL.Image
@@ -23,7 +20,7 @@ from diffusers_repa.models.tiny_vae import tiny_random_vae
 from diffusers_repa.pipelines import SiTPipeline, imagenet_id2label
 from diffusers_repa.schedulers import SiTODEScheduler, SiTSDEScheduler
 
-from .conftest import SIT_TINY, load_reference, load_script
+from .conftest import SIT_TINY, load_reference, load_script, write_hub_cache
 
 SAMPLER_FIXTURES = sorted(path.stem for path in SIT_TINY.glob("sampler_*.safetensors"))
 
@@ -276,31 +273,6 @@ def test_low_precision_model_keeps_a_float64_sampler(saved_pipeline):
     reference.set_progress_bar_config(disable=True)
     assert relative_error(low_precision, reference(**kwargs, output_type="latent").images) < 0.05
     assert pipe(**kwargs, output_type="pt").images.dtype == torch.bfloat16
-
-
-def write_hub_cache(cache: Path, repo_id: str, folder: Path) -> None:
-    """Lay ``folder`` out as the cached snapshot of a Hub model repo, as an online download leaves it: files under
-    snapshots/<commit>/, refs/main, and the repo's file listing in trees/<commit>.json.
-
-    With the listing cached, diffusers' stock `download` inspects model_index.json the way it does online and
-    rejects components from this package, which `SiTPipeline.download` must get past.
-    """
-    repo = cache / f"models--{repo_id.replace('/', '--')}"
-    commit = "0123456789abcdef0123456789abcdef01234567"
-    snapshot = repo / "snapshots" / commit
-    shutil.copytree(folder, snapshot)
-    (repo / "refs").mkdir(parents=True)
-    (repo / "refs" / "main").write_text(commit)
-    files = {
-        path.relative_to(snapshot).as_posix(): {
-            "size": path.stat().st_size,
-            "blob_id": sha1(path.read_bytes()).hexdigest(),
-        }
-        for path in snapshot.rglob("*")
-        if path.is_file()
-    }
-    (repo / "trees").mkdir()
-    (repo / "trees" / f"{commit}.json").write_text(json.dumps({"format_version": 1, "files": files}))
 
 
 def test_hub_repo_id_loads_offline_from_the_cache(tmp_path, monkeypatch, saved_pipeline):
