@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The sharded-engine checks in one command, for one GPU with torch, transformers, accelerate (and, for ZeRO-2,
+# The sharded-engine checks in one command, for one GPU with torch, transformers, accelerate (and, for ZeRO-2/3,
 # deepspeed) installed and no network; from the repository root:    bash benchmarks/gpu_engines.sh
 #
 # accelerate runs FSDP and DeepSpeed only on accelerators, so these are the trainer's checks that CPU tests cannot
@@ -62,7 +62,8 @@ check fsdp2 --use_fsdp --fsdp_version 2 --fsdp_auto_wrap_policy TRANSFORMER_BASE
   --fsdp_transformer_layer_cls_to_wrap SiTBlock --fsdp_state_dict_type FULL_STATE_DICT
 if "$PYTHON" -c "import deepspeed" 2>/dev/null; then
   check zero2 --use_deepspeed --zero_stage 2
+  check zero3 --use_deepspeed --zero_stage 3 --zero3_save_16bit_model true
 else
-  summary+=("zero2: skipped (deepspeed is not installed)")
+  summary+=("zero2/zero3: skipped (deepspeed is not installed)")
 fi
 printf '%s\n' "${summary[@]}" | tee "$OUT/gpu_engines.md"
