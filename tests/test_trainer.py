@@ -39,6 +39,7 @@ from diffusers_repa.training import (
     list_checkpoints,
     resolve_checkpoint,
 )
+from diffusers_repa.training.model_setup import init_dit_weights
 
 from .conftest import reset_accelerate_state
 
@@ -685,3 +686,16 @@ def test_a_pretrained_dit_is_fine_tuned_with_repa(assets, tmp_path):
     assert 0 < max(changes) < 0.01  # two AdamW steps of lr 1e-3 from the pretrained weights, not a new model
     with pytest.raises(ValueError, match="leave out --depth/--hidden_size/--num_attention_heads"):
         REPATrainer(tiny_args(assets, tmp_path / "other", model="DiT-S/2", pretrained_model=str(base), depth=3))
+
+
+def test_a_new_dit_starts_as_dit_does(tmp_path):
+    torch.manual_seed(0)
+    dit = DiTTransformer2DModel(
+        num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=8, num_layers=2, sample_size=4
+    )
+    init_dit_weights(dit)
+    x, t, y = torch.randn(2, 4, 4, 4), torch.tensor([10, 900]), torch.tensor([3, 1000])
+    assert torch.equal(dit(x, timestep=t, class_labels=y).sample, torch.zeros(2, 8, 4, 4))  # adaLN-Zero: predicts 0
+    first, second = (block.norm1.emb for block in dit.transformer_blocks)
+    assert_same_tensors(dict(first.named_parameters()), dict(second.named_parameters()), rtol=0, atol=0)
+    assert 0.015 < first.class_embedder.embedding_table.weight.std() < 0.025

@@ -56,12 +56,40 @@ def build_dit(args: REPATrainingArguments, info: LatentCacheInfo, projection_dim
             patch_size=preset["patch_size"],
             num_embeds_ada_norm=DIT_NUM_CLASSES,
         )
+        init_dit_weights(dit)
     for block in dit.transformer_blocks:  # diffusers fixes DiT's label dropout at 0.1; --cfg_prob decides here
         block.norm1.emb.class_embedder.dropout_prob = args.cfg_prob
     if not projection_dims:
         return dit
     head = REPAHead.for_transformer(dit, projection_dims, args.encoder_depth, args.projector_dim)
     return TransformerWithREPAHead(dit, head)
+
+
+@torch.no_grad()
+def init_dit_weights(dit: DiTTransformer2DModel) -> None:
+    """DiT's own initialisation (its `initialize_weights`) on diffusers' layout: xavier-uniform linears and patch
+    embedding with zero biases, N(0, 0.02) label table and timestep MLP, and adaLN-Zero — every block's modulation and
+    the final layer start at zero, so the model starts as the identity of its input stream and predicts 0. DiT shares
+    one timestep/label embedder between blocks; diffusers gives each block its own, started here from the same values.
+    """
+    for module in dit.modules():
+        if isinstance(module, nn.Linear):
+            nn.init.xavier_uniform_(module.weight)
+            nn.init.zeros_(module.bias)
+    patch = dit.pos_embed.proj
+    nn.init.xavier_uniform_(patch.weight.view(patch.weight.shape[0], -1))
+    nn.init.zeros_(patch.bias)
+    first = dit.transformer_blocks[0].norm1.emb
+    nn.init.normal_(first.class_embedder.embedding_table.weight, std=0.02)
+    nn.init.normal_(first.timestep_embedder.linear_1.weight, std=0.02)
+    nn.init.normal_(first.timestep_embedder.linear_2.weight, std=0.02)
+    for block in dit.transformer_blocks:
+        block.norm1.emb.load_state_dict(first.state_dict())
+        nn.init.zeros_(block.norm1.linear.weight)
+        nn.init.zeros_(block.norm1.linear.bias)
+    for layer in (dit.proj_out_1, dit.proj_out_2):
+        nn.init.zeros_(layer.weight)
+        nn.init.zeros_(layer.bias)
 
 
 def _pretrained_dit(args: REPATrainingArguments, info: LatentCacheInfo) -> DiTTransformer2DModel:
