@@ -292,8 +292,9 @@ def test_save_load_round_trip(tmp_path, clip):
     pipe = make_pipeline(tiny_transformer(), SiTSDEScheduler(path_type="cosine"), tiny_random_vae(), clip)
     pipe.save_pretrained(tmp_path)
     index = json.loads((tmp_path / "model_index.json").read_text())
-    assert index["_class_name"] == "MMDiTPipeline"
-    assert index["transformer"][1] == "MMDiTTransformer2DModel"
+    # The pipeline's own code is saved with it (for plain diffusers); this package maps it back to its classes.
+    assert index["_class_name"] == ["pipeline_mmdit", "MMDiTPipeline"] and (tmp_path / "pipeline_mmdit.py").is_file()
+    assert index["transformer"] == ["transformer_mmdit", "MMDiTTransformer2DModel"]
     assert index["tokenizer"] == ["transformers", "CLIPTokenizer"]
     assert index["text_encoder"] == ["transformers", "CLIPTextModel"]
 

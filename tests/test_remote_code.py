@@ -280,3 +280,50 @@ def test_a_compiled_transformer_is_saved_with_its_own_code(tmp_path):
         "SiTTransformer2DModel",
     ]
     assert "class SiTTransformer2DModel(" in (tmp_path / "transformer" / "transformer_sit.py").read_text()
+
+
+MMDIT_REMOTE_SCRIPT = (
+    REMOTE_SCRIPT.split("import numpy as np, torch")[0]
+    + """
+import numpy as np, torch
+from diffusers import DiffusionPipeline
+
+torch.set_num_threads(1)
+folder, embeds, output = sys.argv[1:]
+pipe = DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)
+pipe.set_progress_bar_config(disable=True)
+context = torch.from_numpy(np.load(embeds))
+images = pipe(prompt_embeds=context[:2], negative_prompt_embeds=context[2:], num_inference_steps=3, guidance_scale=2.0,
+              generator=torch.Generator().manual_seed(0), output_type="np").images
+np.save(output, images)
+print(type(pipe).__module__, type(pipe.transformer).__module__)
+"""
+)
+
+
+def test_the_text_to_image_pipeline_also_loads_in_plain_diffusers(tmp_path, single_thread):
+    from diffusers_repa import MMDiTPipeline, MMDiTTransformer2DModel
+    from diffusers_repa.models.tiny_vae import tiny_random_vae
+
+    torch.manual_seed(0)
+    transformer = MMDiTTransformer2DModel(
+        sample_size=8, patch_size=2, in_channels=4, depth=2, num_attention_heads=2, attention_head_dim=8,
+        joint_attention_dim=16, encoder_depth=1, projector_dim=16, projection_dims=(8,),
+    )  # fmt: skip
+    pipe = MMDiTPipeline(transformer, tiny_random_vae(), SiTODEScheduler())
+    pipe.set_progress_bar_config(disable=True)
+    pipe.save_pretrained(tmp_path / "mmdit")
+    context = torch.randn(3, 5, 16, generator=torch.Generator().manual_seed(1))
+    np.save(tmp_path / "context.npy", context.numpy())
+    kwargs = {"num_inference_steps": 3, "guidance_scale": 2.0, "output_type": "np"}
+    expected = pipe(
+        prompt_embeds=context[:2],
+        negative_prompt_embeds=context[2:],
+        generator=torch.Generator().manual_seed(0),
+        **kwargs,
+    ).images
+    command = [sys.executable, "-c", MMDIT_REMOTE_SCRIPT, str(tmp_path / "mmdit"), str(tmp_path / "context.npy")]
+    completed = subprocess.run([*command, str(tmp_path / "out.npy")], capture_output=True, text=True, timeout=600)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert "diffusers_repa" not in completed.stdout  # the classes came from the saved files
+    np.testing.assert_array_equal(np.load(tmp_path / "out.npy"), expected)

@@ -1,20 +1,23 @@
-"""What the REPA pipelines share (SiT class-conditional, MMDiT text-to-image): Hub snapshots of this package's
-components, the checks of the sampling arguments, the initial noise, decoding, the state of a running call that
+"""What the REPA pipelines share (SiT class-conditional, MMDiT text-to-image): saving with their own code for plain
+diffusers, loading as this package's classes, Hub snapshots of this package's components, the checks of the sampling arguments, the initial noise, decoding, the state of a running call that
 callbacks read, and the guided sampling loop itself. Only the conditioning differs: class labels or text features."""
 
 from __future__ import annotations
 
 import inspect
 import math
+import os
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
+from diffusers.pipelines.pipeline_utils import DiffusionPipeline, ImagePipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
 from huggingface_hub import snapshot_download
 
 from ..latents import vae_latent_shift_and_scale
+from ..pretrained_paths import check_pretrained_source
 from ..schedulers.scheduling_utils_sit import check_num_inference_steps, sampling_dtype
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
@@ -24,9 +27,55 @@ _PICKLED_WEIGHT_PATTERNS = ["*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl"]
 
 class FlowSamplingMixin:
     """For a `DiffusionPipeline` with `transformer` (velocity model, t ∈ [0, 1], t = 1 noise), `vae` (or None in pixel
-    space) and a SiT scheduler (or diffusers' flow-matching one). Classifier-free guidance runs only while the step's
+    space) and a SiT scheduler (or diffusers' flow-matching one). Saved folders carry the pipeline's code for plain
+    diffusers (`save_pretrained`) and load back as this package's classes (`load_config`, `from_pretrained`). Classifier-free guidance runs only while the step's
     time lies in ``guidance_interval``, with the conditional and unconditional inputs as one doubled batch.
     """
+
+    def save_pretrained(self, save_directory: str | Path, *, push_to_hub: bool = False, **kwargs) -> None:
+        """diffusers' `save_pretrained`, plus the code of the pipeline and of its components that are this package's
+        classes, so that plain diffusers loads the folder without this package:
+        ``DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)``.
+
+        The files are generated from the installed library (e.g. ``pipeline_sit.py``, ``transformer/transformer_sit.py``,
+        ``scheduler/scheduling_sit_sde.py``; see `diffusers_repa.pipelines.hub_code`) and ``model_index.json`` names
+        them; `from_pretrained` of these pipelines maps those names back to the library's classes. ``push_to_hub=True``
+        then uploads like `push_to_hub` (``repo_id`` defaults to the folder's name; ``commit_message``, ``private``,
+        ``token``, ``create_pr``); the other keyword arguments are diffusers' (``safe_serialization``, ``variant``,
+        ``max_shard_size``).
+        """
+        from .hub_code import write_hub_code  # not at the top: the saved copy of this module leaves this method out
+
+        upload_kwargs = {
+            name: kwargs.pop(name)
+            for name in ("repo_id", "commit_message", "private", "token", "create_pr")
+            if name in kwargs
+        }
+        super().save_pretrained(save_directory, **kwargs)
+        write_hub_code(self, save_directory)
+        if push_to_hub:
+            repo_id = upload_kwargs.pop("repo_id", Path(save_directory).name)
+            save_kwargs = {name: kwargs[name] for name in ("safe_serialization", "variant") if name in kwargs}
+            self.push_to_hub(repo_id, **upload_kwargs, **save_kwargs)
+
+    @classmethod
+    def load_config(cls, *args, **kwargs):
+        """diffusers' `load_config`, with the ``model_index.json`` entries that name the code saved by
+        `save_pretrained` (``["transformer_sit", "SiTTransformer2DModel"]``) mapped to this package's classes, so that
+        `from_pretrained` builds the library's classes and never runs the saved files."""
+        from .hub_code import library_model_index  # not at the top: the saved copy of this module leaves this out
+
+        loaded = super().load_config(*args, **kwargs)
+        if isinstance(loaded, tuple):
+            return (library_model_index(loaded[0]), *loaded[1:])
+        return library_model_index(loaded)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> DiffusionPipeline:
+        """diffusers' `from_pretrained`, after checking that a local path (``./x``, ``/x``, ``runs/x``) is a saved
+        pipeline folder: a mistyped one is reported as such, not as an invalid repo id or a network problem."""
+        check_pretrained_source(pretrained_model_name_or_path)
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 
     @classmethod
     def download(cls, pretrained_model_name: str, **kwargs) -> str:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import difflib
 import json
-import os
 from collections.abc import Callable, Mapping, Sequence
 from functools import cache
 from pathlib import Path
@@ -20,7 +19,6 @@ from diffusers.pipelines.pipeline_utils import DiffusionPipeline, ImagePipelineO
 from diffusers.utils import replace_example_docstring
 
 from ..models.transformer_sit import SiTTransformer2DModel
-from ..pretrained_paths import check_pretrained_source
 from ..schedulers.scheduling_sit_ode import SiTODEScheduler
 from ..schedulers.scheduling_sit_sde import SiTSDEScheduler
 from .flow_sampling import FlowSamplingMixin
@@ -116,51 +114,6 @@ class SiTPipeline(FlowSamplingMixin, DiffusionPipeline, SiTLoraLoaderMixin):
         # Pixel space (no VAE): the transformer's sample side is the image side.
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
-
-    def save_pretrained(self, save_directory: str | Path, *, push_to_hub: bool = False, **kwargs) -> None:
-        """diffusers' `save_pretrained`, plus the code of the pipeline and of its components that are this package's
-        classes, so that plain diffusers loads the folder without this package:
-        ``DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)``.
-
-        The files are generated from the installed library (``pipeline_sit.py``, ``transformer/transformer_sit.py``,
-        ``scheduler/scheduling_sit_sde.py``; see `diffusers_repa.pipelines.hub_code`) and ``model_index.json`` names
-        them; `from_pretrained` of this class maps those names back to the library's classes. ``push_to_hub=True``
-        then uploads like `push_to_hub` (``repo_id`` defaults to the folder's name; ``commit_message``, ``private``,
-        ``token``, ``create_pr``); the other keyword arguments are diffusers' (``safe_serialization``, ``variant``,
-        ``max_shard_size``).
-        """
-        from .hub_code import write_hub_code  # not at the top: the saved copy of this module leaves this method out
-
-        upload_kwargs = {
-            name: kwargs.pop(name)
-            for name in ("repo_id", "commit_message", "private", "token", "create_pr")
-            if name in kwargs
-        }
-        super().save_pretrained(save_directory, **kwargs)
-        write_hub_code(self, save_directory)
-        if push_to_hub:
-            repo_id = upload_kwargs.pop("repo_id", Path(save_directory).name)
-            save_kwargs = {name: kwargs[name] for name in ("safe_serialization", "variant") if name in kwargs}
-            self.push_to_hub(repo_id, **upload_kwargs, **save_kwargs)
-
-    @classmethod
-    def load_config(cls, *args, **kwargs):
-        """diffusers' `load_config`, with the ``model_index.json`` entries that name the code saved by
-        `save_pretrained` (``["transformer_sit", "SiTTransformer2DModel"]``) mapped to this package's classes, so that
-        `from_pretrained` builds the library's classes and never runs the saved files."""
-        from .hub_code import library_model_index  # not at the top: the saved copy of this module leaves this out
-
-        loaded = super().load_config(*args, **kwargs)
-        if isinstance(loaded, tuple):
-            return (library_model_index(loaded[0]), *loaded[1:])
-        return library_model_index(loaded)
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> SiTPipeline:
-        """diffusers' `from_pretrained`, after checking that a local path (``./x``, ``/x``, ``runs/x``) is a saved
-        pipeline folder: a mistyped one is reported as such, not as an invalid repo id or a network problem."""
-        check_pretrained_source(pretrained_model_name_or_path)
-        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 
     def compile_transformer(self, mode: CompileMode = "blocks") -> None:
         """Compile the transformer in place for sampling, with static shapes.
