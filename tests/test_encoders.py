@@ -22,6 +22,7 @@ from transformers import (
     ViTMAEModel,
 )
 
+from diffusers_repa.atomic_files import write_folder_atomically
 from diffusers_repa.encoders import (
     ENCODER_ALIASES,
     FAMILIES,
@@ -32,7 +33,6 @@ from diffusers_repa.encoders import (
     load_encoders,
     save_tiny_random_encoder,
 )
-from diffusers_repa.encoders.folders import write_folder_atomically
 
 from .conftest import load_reference
 

@@ -33,7 +33,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 from collections.abc import Iterator
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -51,6 +50,7 @@ from diffusers import AutoencoderKL
 from huggingface_hub import DatasetCard, DatasetCardData, create_repo, snapshot_download, upload_folder
 from tqdm.auto import tqdm
 
+from ..atomic_files import write_text_atomically
 from .preprocessing import center_crop_imagenet, decode_image
 from .sources import describe_source, load_image_source
 
@@ -132,13 +132,6 @@ class LatentCacheInfo:
         if payload.get("id2label") is not None:
             payload["id2label"] = {int(key): name for key, name in payload["id2label"].items()}
         return cls(**payload)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    """Writes through a temporary file in the same directory, so readers never see a partial file."""
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False) as f:
-        f.write(text)
-    os.replace(f.name, path)
 
 
 def _resolve_cache_dir(path: str | os.PathLike, allow_patterns: list[str] | None = None, **hub_kwargs) -> Path:
@@ -476,7 +469,7 @@ class _ShardEncoder:
         record = {"name": job.name, "file": f"{DATA_DIR}/{shard_file.name}", "num_samples": num_samples}
         record.update(max_label=max_label, skipped=skipped)
         # The record goes first: an existing .arrow file is what marks the shard finished.
-        _atomic_write_text(self.output_dir / _BUILD_DIR / f"{job.name}.json", json.dumps(record) + "\n")
+        write_text_atomically(self.output_dir / _BUILD_DIR / f"{job.name}.json", json.dumps(record) + "\n")
         os.replace(temp_file, shard_file)
 
 
@@ -544,7 +537,7 @@ def _stream_jobs(
         for rows in stream.skip(finished * shard_size).iter(batch_size=shard_size):
             yield _ShardJob(f"{prefix}-{shard_index:05d}", shard_index * shard_size, rows)
             shard_index += 1
-        _atomic_write_text(done_marker, json.dumps({"num_shards": shard_index}) + "\n")
+        write_text_atomically(done_marker, json.dumps({"num_shards": shard_index}) + "\n")
 
     return jobs(), total
 
@@ -599,7 +592,7 @@ def _check_build_settings(output_dir: Path, settings: dict[str, Any], state: Par
         (output_dir / DATA_DIR).mkdir(parents=True, exist_ok=True)
         (output_dir / _BUILD_DIR).mkdir(exist_ok=True)
         if not resuming:
-            _atomic_write_text(settings_file, json.dumps(settings, indent=2) + "\n")
+            write_text_atomically(settings_file, json.dumps(settings, indent=2) + "\n")
         # Leftovers of killed writers; nobody is writing yet.
         for stale in [*(output_dir / DATA_DIR).glob(".*.tmp"), *(output_dir / _BUILD_DIR).glob(".*.tmp")]:
             stale.unlink()
@@ -680,7 +673,7 @@ def _write_dataset_card(output_dir: Path, info: LatentCacheInfo) -> None:
         f"{info.num_skipped} unreadable source images are listed in `{SKIPPED_REPORT_FILE}`. "
         "Read it with `diffusers_repa.data.load_latent_cache`.\n"
     )
-    _atomic_write_text(output_dir / "README.md", DatasetCard(content).content)
+    write_text_atomically(output_dir / "README.md", DatasetCard(content).content)
 
 
 def _finalize(
@@ -711,9 +704,9 @@ def _finalize(
         shards=[record["file"] for record in records],
         shard_num_samples=[record["num_samples"] for record in records],
     )
-    _atomic_write_text(output_dir / SKIPPED_REPORT_FILE, json.dumps(skipped, indent=2) + "\n")
+    write_text_atomically(output_dir / SKIPPED_REPORT_FILE, json.dumps(skipped, indent=2) + "\n")
     _write_dataset_card(output_dir, info)
-    _atomic_write_text(output_dir / CACHE_INFO_FILE, info.to_json())
+    write_text_atomically(output_dir / CACHE_INFO_FILE, info.to_json())
     return info
 
 

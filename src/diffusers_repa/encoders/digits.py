@@ -31,11 +31,11 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import Dinov2Config, Dinov2Model
 
+from ..atomic_files import write_folder_atomically
 from ..data.digits import digits_fingerprint, load_digits_arrays, split_digits
 from ..data.preprocessing import center_crop_imagenet
 from ..evaluation.alignment import linear_probe_accuracy
 from .families import FAMILIES
-from .folders import write_folder_atomically
 from .registry import DIGITS_ENCODER_NAME, TOKEN_STRIDE_CONFIG_KEY
 
 # Bump when the recipe changes in a way the settings below do not capture: cached encoders are then not reused.

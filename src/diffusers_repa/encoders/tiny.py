@@ -29,8 +29,8 @@ from transformers import (
     ViTMAEForPreTraining,
 )
 
+from ..atomic_files import write_folder_atomically
 from .families import quiet_transformers
-from .folders import write_folder_atomically
 from .vision_encoder import RANDOM_SMOKE_ENCODER_FLAG
 
 # The Hub checkpoints' native image size and patch size per family (DINOv2: 518 px / 14 → a 37×37 table).

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from ..atomic_files import write_file_atomically
 from ..interpolants import interpolate
 from ..latents import vae_latent_shift_and_scale
 from .alignment import cka, cknna, linear_probe_accuracy
@@ -170,16 +171,15 @@ def alignment_by_block(
 
 def write_alignment_csv(results: list[BlockAlignment], path: str | os.PathLike) -> Path:
     """One row per block: ``block,cknna,cka,probe_accuracy`` (empty accuracy without labels)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp")
-    with open(temporary, "w", newline="") as file:
-        writer = csv.DictWriter(file, fieldnames=["block", "cknna", "cka", "probe_accuracy"])
-        writer.writeheader()
-        for row in results:
-            writer.writerow({key: ("" if value is None else value) for key, value in asdict(row).items()})
-    os.replace(temporary, path)
-    return path
+
+    def write(temporary: Path) -> None:
+        with open(temporary, "w", newline="") as file:
+            writer = csv.DictWriter(file, fieldnames=["block", "cknna", "cka", "probe_accuracy"])
+            writer.writeheader()
+            for row in results:
+                writer.writerow({key: ("" if value is None else value) for key, value in asdict(row).items()})
+
+    return write_file_atomically(path, write)
 
 
 _SERIES_COLOURS = {"cknna": (31, 119, 180), "cka": (255, 127, 14), "probe_accuracy": (44, 160, 44)}
@@ -221,12 +221,7 @@ def plot_alignment(results: list[BlockAlignment], path: str | os.PathLike, title
         legend_y = top + 16 * rank
         draw.line([right + 12, legend_y + 6, right + 32, legend_y + 6], fill=colour, width=2)
         draw.text((right + 38, legend_y), name, fill="black")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp")
-    image.save(temporary, format="PNG")
-    os.replace(temporary, path)
-    return path
+    return write_file_atomically(path, lambda temporary: image.save(temporary, format="PNG"))
 
 
 def analyze_alignment(

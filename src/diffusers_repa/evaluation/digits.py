@@ -26,7 +26,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .training_eval import Images, to_uint8_images, write_atomically
+from ..atomic_files import write_file_atomically
+from .training_eval import Images, to_uint8_images
 
 logger = logging.getLogger(__name__)
 
@@ -135,7 +136,7 @@ class DigitClassifier:
             "settings": json.dumps(self.settings, sort_keys=True),
             "held_out_accuracy": repr(self.held_out_accuracy),
         }
-        return write_atomically(path, lambda temporary: save_file(tensors, str(temporary), metadata=metadata))
+        return write_file_atomically(path, lambda temporary: save_file(tensors, str(temporary), metadata=metadata))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> DigitClassifier:

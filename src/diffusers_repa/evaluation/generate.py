@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
@@ -25,6 +24,7 @@ from accelerate import Accelerator
 from PIL import Image
 from tqdm.auto import tqdm
 
+from ..atomic_files import write_file_atomically, write_text_atomically
 from .image_io import NpzWriter, read_image_file
 
 LabelSampling = Literal["random", "equal"]
@@ -90,16 +90,11 @@ def _check_resume_config(output_dir: Path, config: dict, is_main_process: bool) 
                 "output folder or the same settings to resume."
             )
     elif is_main_process:
-        handle, temporary = tempfile.mkstemp(dir=output_dir, suffix=".tmp")
-        with os.fdopen(handle, "w") as file:
-            json.dump(config, file, indent=2)
-        os.replace(temporary, path)
+        write_text_atomically(path, json.dumps(config, indent=2))
 
 
 def _save_png(image: np.ndarray, path: Path) -> None:
-    temporary = path.with_name(f".{path.name}.tmp")
-    Image.fromarray(image).save(temporary, format="PNG")
-    os.replace(temporary, path)
+    write_file_atomically(path, lambda temporary: Image.fromarray(image).save(temporary, format="PNG"))
 
 
 def generate_samples(

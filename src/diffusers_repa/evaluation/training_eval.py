@@ -15,7 +15,6 @@ from __future__ import annotations
 import csv
 import math
 import os
-import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Protocol
@@ -23,6 +22,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from ..atomic_files import write_file_atomically
 from .metrics import RunningStatistics, frechet_distance
 
 Images = np.ndarray | torch.Tensor
@@ -78,24 +78,6 @@ def _uint8_batches(images: Images | Iterable[Images], batch_size: int) -> Iterat
         part = to_uint8_images(part)
         for start in range(0, len(part), batch_size):
             yield part[start : start + batch_size]
-
-
-def write_atomically(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
-    """Call ``write(temporary)`` on a temporary path in the target's folder, then move it onto ``path``.
-
-    Readers never see a partial file, and a crash leaves the previous version in place (the temporary is removed).
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
-    try:
-        write(Path(temporary))
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    return path
 
 
 class FrechetEvaluator:
@@ -303,7 +285,7 @@ def append_eval_row(csv_path: str | os.PathLike, step: int, metrics: Mapping[str
             writer.writeheader()
             writer.writerows(rows)
 
-    return write_atomically(csv_path, write)
+    return write_file_atomically(csv_path, write)
 
 
 def read_eval_rows(csv_path: str | os.PathLike) -> list[dict[str, float]]:
@@ -341,4 +323,4 @@ def plot_eval_curves(
             axes.set_yscale("log")
     if title:
         figure.suptitle(title)
-    return write_atomically(png_path, lambda temporary: figure.savefig(temporary, format="png", dpi=100))
+    return write_file_atomically(png_path, lambda temporary: figure.savefig(temporary, format="png", dpi=100))

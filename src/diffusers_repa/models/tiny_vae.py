@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKL
 
-from ..encoders.folders import write_folder_atomically
+from ..atomic_files import write_folder_atomically
 
 
 def tiny_random_vae(seed: int = 0) -> AutoencoderKL:

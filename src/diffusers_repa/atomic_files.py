@@ -1,13 +1,37 @@
-"""Writing a model folder so that nobody ever reads a half-written one."""
+"""Writing files and folders so that nobody ever reads a half-written one: everything is written beside its target
+under a temporary name, then renamed into place (a crash leaves the previous version, and the temporary is removed)."""
 
 from __future__ import annotations
 
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+
+def write_file_atomically(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+    """Call ``write(temporary)`` on a temporary path in the target's folder, then move it onto ``path``.
+
+    Readers never see a partial file, and a crash leaves the previous version in place (the temporary is removed).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(handle)
+    try:
+        write(Path(temporary))
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_text_atomically(path: str | os.PathLike, text: str) -> Path:
+    """[`write_file_atomically`] of a UTF-8 text."""
+    return write_file_atomically(path, lambda temporary: temporary.write_text(text, encoding="utf-8"))
 
 
 @contextmanager
