@@ -140,13 +140,13 @@ class REPATrainer:
         self.global_step = 0
         self.setting_changes: list[dict] = []
         # A checkpoint to resume from is checked before anything heavy: the same experiment, layout, steps left.
-        checkpoint = None
+        checkpoint = checked = None
         if args.resume_from_checkpoint is not None:
             checkpoint = resolve_checkpoint(self.output_dir, args.resume_from_checkpoint)
             if checkpoint is None:
                 logger.info(f"No checkpoint in {self.output_dir} yet: starting from step 0.", main_process_only=True)
             else:
-                self._check_checkpoint(checkpoint)
+                checked = self._check_checkpoint(checkpoint)
 
         # Data (after checking that every source can be read): the latent cache and its loader.
         train_dataloader, info, self.cache_dir = build_cache_loader(
@@ -234,7 +234,7 @@ class REPATrainer:
             self.evaluation = PeriodicEvaluation(args, self.cache_dir, info.num_classes, self.output_dir, device)
         self._reset_metrics()
         if checkpoint is not None:
-            self.load_checkpoint(checkpoint)
+            self._restore(checkpoint, *checked)
         self._start_run_records()
 
     def _setup_ema(self) -> None:
@@ -508,7 +508,10 @@ class REPATrainer:
         """Restore model, optimizer, grad scaler, RNG states, EMA, noise generator and step from a checkpoint, after
         checking that it belongs to this experiment (layout and settings) and that it can continue."""
         folder = Path(folder)
-        saved, changes = self._check_checkpoint(folder)
+        self._restore(folder, *self._check_checkpoint(folder))
+
+    def _restore(self, folder: Path, saved: dict, changes: dict[str, tuple]) -> None:
+        """`load_checkpoint` once `_check_checkpoint` has read and checked the checkpoint's trainer state."""
         random_states, generator_file = (folder / name for name in self._random_state_files())
         random_state = load_safetensors(generator_file)
         self.accelerator.load_state(str(folder))
