@@ -21,6 +21,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 CHECKPOINT_PREFIX = "checkpoint-"
+# The trainer's own record in a checkpoint (step, layout, settings) and in an export (the step it was written at).
+TRAINER_STATE_NAME = "trainer_state.json"
 _CHECKPOINT_PATTERN = re.compile(rf"^{CHECKPOINT_PREFIX}(\d+)$")
 
 

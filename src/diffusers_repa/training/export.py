@@ -17,11 +17,11 @@ from diffusers import DiffusionPipeline
 from diffusers.utils import make_image_grid
 
 from ..evaluation.image_io import enlarge_small_images
+from .checkpointing import TRAINER_STATE_NAME
 from .hub import remove_local_paths
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 SAMPLE_GRID_NAME = "samples.png"
-EXPORT_STATE_NAME = "trainer_state.json"
 
 
 @torch.no_grad()
@@ -54,7 +54,7 @@ def sample_grid(
 
 def export_step(export_dir: str | Path) -> int | None:
     """The training step an export folder was written at (None: no export there)."""
-    path = Path(export_dir) / EXPORT_STATE_NAME
+    path = Path(export_dir) / TRAINER_STATE_NAME
     return json.loads(path.read_text())["global_step"] if path.is_file() else None
 
 
@@ -88,7 +88,7 @@ def write_export(
         shutil.copyfile(source, staging / name)
     card.save(staging / "README.md")
     remove_local_paths(staging)  # e.g. the VAE's `_name_or_path`: the export is what gets published
-    (staging / EXPORT_STATE_NAME).write_text(json.dumps({"global_step": global_step}))
+    (staging / TRAINER_STATE_NAME).write_text(json.dumps({"global_step": global_step}))
     shutil.rmtree(export_dir, ignore_errors=True)
     staging.replace(export_dir)
     return export_dir

@@ -51,7 +51,13 @@ from ..models.transformer_sit import preset_family
 from ..pipelines.pipeline_sit import SiTPipeline
 from ..schedulers import SiTODEScheduler, SiTSDEScheduler
 from .arguments import REPATrainingArguments
-from .checkpointing import load_safetensors, read_trainer_state, resolve_checkpoint, save_checkpoint
+from .checkpointing import (
+    TRAINER_STATE_NAME,
+    load_safetensors,
+    read_trainer_state,
+    resolve_checkpoint,
+    save_checkpoint,
+)
 from .data_setup import build_cache_loader
 from .ema import copy_ema_to, create_ema, ema_state_dict, load_ema_state_dict
 from .export import export_step, sample_grid, write_export
@@ -69,7 +75,6 @@ __all__ = ["REPATrainer"]
 logger = get_logger(__name__)
 
 EMA_WEIGHTS_NAME = "ema.safetensors"
-TRAINER_STATE_NAME = "trainer_state.json"
 # Version of what a checkpoint holds. 2: SiT attention as to_q/to_k/to_v/to_out.0 (diffusers' names), EMA of
 # diffusers' EMAModel, the run's settings recorded. Optimizer states follow the parameter order, so a checkpoint
 # of another format cannot continue in this version.
