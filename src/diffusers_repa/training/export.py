@@ -1,5 +1,5 @@
-"""What a run leaves for inference: sample grids of the EMA weights and the final export (a `SiTPipeline`, or a LoRA
-adapter, with a sample grid and a model card), written atomically."""
+"""What a run leaves for inference: sample grids of the EMA weights and the final export (a `SiTPipeline` or
+`DiTPipeline`, or a LoRA adapter, with a sample grid and a model card), written atomically."""
 
 from __future__ import annotations
 
@@ -70,7 +70,7 @@ def write_export(
 ) -> Path:
     """Write the export into `<export_dir>.tmp`, then swap it into place, so a crash never leaves half an export.
 
-    Full training writes the whole `SiTPipeline` (loadable with `SiTPipeline.from_pretrained`); LoRA writes only the
+    Full training writes the whole pipeline (`SiTPipeline`, or diffusers' `DiTPipeline`); LoRA writes only the
     adapter (`pytorch_lora_weights.safetensors`, for `pipe.load_lora_weights` on the base pipeline). Next to it: the
     sample grid, the model card (a `huggingface_hub.ModelCard`), `trainer_state.json` (the step) and `extra_files`
     (name in the export → file to copy, e.g. training curves). Absolute local paths in its configs are reduced to

@@ -18,6 +18,7 @@ from typing import Any
 from huggingface_hub import EvalResult, ModelCard, ModelCardData, create_repo, upload_folder
 
 from ..data import DIGITS_DATASET, IMAGENET_1K_REPO_ID
+from ..models.transformer_sit import preset_family
 from .arguments import REPATrainingArguments
 
 # The Jinja template lives in the repository's model_cards/ folder; templates/sit_repa.md links to it so that it is
@@ -160,7 +161,7 @@ def render_model_card(
         raise FileNotFoundError(f"Model card template {template_path} not found; pass template_path=.")
     is_lora = args.use_lora
     base_model_on_hub = args.pretrained_model is not None and not is_local_path(args.pretrained_model)
-    family = "dit" if args.model.strip().lower().startswith("dit-") else "sit"
+    family = preset_family(args.model).lower()
     tags = ["diffusers", family, "repa", "class-conditional", "image-generation"] + (["lora"] if is_lora else [])
     model_name = (
         args.hub_model_id.rstrip("/").split("/")[-1] if args.hub_model_id else Path(args.output_dir).resolve().name

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from diffusers import DiffusionPipeline
 
 from ..data import DIGITS_DATASET, LatentCacheBatches, load_latent_cache
 from ..evaluation import append_eval_row, build_training_evaluator, plot_eval_curves, read_eval_rows, sample_labels
-from ..pipelines.pipeline_sit import SiTPipeline
 from .arguments import REPATrainingArguments
 
 EVAL_CSV_NAME = "eval.csv"
@@ -75,7 +75,9 @@ class PeriodicEvaluation:
 
     @torch.no_grad()
     def sample(
-        self, pipeline: SiTPipeline, autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+        self,
+        pipeline: DiffusionPipeline,
+        autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
     ) -> np.ndarray:
         """`--eval_num_samples` images (N, R, R, 3) in [0, 1] for the fixed labels; batch b starts from the noise of
         seed (`--seed`, b), so every evaluation of a run sees the same noise."""
@@ -96,7 +98,7 @@ class PeriodicEvaluation:
 
     def __call__(
         self,
-        pipeline: SiTPipeline,
+        pipeline: DiffusionPipeline,
         step: int,
         autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
     ) -> dict[str, float]:
