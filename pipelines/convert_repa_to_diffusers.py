@@ -1,4 +1,5 @@
-"""Convert an original REPA checkpoint into a `SiTTransformer2DModel` folder (`save_pretrained` layout).
+"""Convert an original REPA checkpoint into a `SiTTransformer2DModel` folder (`save_pretrained` layout), or with
+--text_to_image an original text-to-image MMDiT checkpoint (`train_t2i.py`) into an `MMDiTTransformer2DModel` one.
 
 Examples:
     # the released SiT-XL/2 checkpoint (bare state dict): everything is inferred
@@ -7,9 +8,16 @@ Examples:
     python pipelines/convert_repa_to_diffusers.py --checkpoint 0400000.pt --output out --model SiT-B/2
     # a whole SiTPipeline (VAE, SDE scheduler, ImageNet class names), ready for sample.py / generate.py
     python pipelines/convert_repa_to_diffusers.py --checkpoint last.pt --output sit-xl-repa --vae stabilityai/sd-vae-ft-ema
+    # a train_t2i.py checkpoint (MMDiT on COCO): EMA weights, encoder depth from its args (else --encoder_depth)
+    python pipelines/convert_repa_to_diffusers.py --checkpoint 0400000.pt --output mmdit-repa/transformer \
+        --text_to_image
+    # a whole MMDiTPipeline (VAE + the original's CLIP ViT-L/14 text encoder), ready for generate.py
+    python pipelines/convert_repa_to_diffusers.py --checkpoint 0400000.pt --output mmdit-repa --text_to_image \
+        --vae stabilityai/sd-vae-ft-ema --text_encoder openai/clip-vit-large-patch14
 
-A mistake (a missing checkpoint or VAE folder, an output that is a file, a bad value) ends with one
-``convert_repa_to_diffusers.py: error: ...`` line (exit status 2) before the checkpoint is read.
+A mistake (a missing checkpoint or VAE folder, an output that is a file, a bad value, an MMDiT checkpoint without
+--text_to_image or a SiT one with it) ends with one ``convert_repa_to_diffusers.py: error: ...`` line (exit status
+2) before any weights are converted.
 """
 
 import argparse
@@ -18,6 +26,9 @@ from pathlib import Path
 
 from diffusers_repa.cli import run_cli
 from diffusers_repa.pretrained_paths import check_pretrained_source
+
+# The original's text features: CLIP ViT-L/14's last hidden state (U-ViT's COCO preprocessing).
+CLIP_TEXT_ENCODER = "openai/clip-vit-large-patch14"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -38,6 +49,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--path_type", choices=["linear", "cosine"], default="linear", help="the SDE scheduler's path (with --vae)"
     )
+    parser.add_argument(
+        "--text_to_image",
+        action="store_true",
+        help="the checkpoint is the original text-to-image MMDiT (train_t2i.py): write an MMDiTTransformer2DModel",
+    )
+    parser.add_argument(
+        "--text_encoder",
+        default=CLIP_TEXT_ENCODER,
+        help="with --text_to_image --vae: CLIP tokenizer + text model of the MMDiTPipeline (Hub id or folder, "
+        "optionally with tokenizer/ and text_encoder/ inside)",
+    )
     args = parser.parse_args(argv)
     if not Path(args.checkpoint).is_file():
         raise FileNotFoundError(f"--checkpoint {args.checkpoint} is not a file.")
@@ -46,13 +68,81 @@ def parse_args(argv=None) -> argparse.Namespace:
     for flag in ("num_heads", "encoder_depth"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise ValueError(f"--{flag} must be at least 1, got {getattr(args, flag)}.")
+    if args.text_to_image and (args.model is not None or args.num_heads is not None):
+        raise ValueError(
+            "--model and --num_heads describe a SiT; the original MMDiT's heads are fixed (32 channels each), so "
+            "drop them with --text_to_image."
+        )
     if args.vae is not None:
         check_pretrained_source(args.vae, config_name="config.json", what="VAE")
+        if args.text_to_image and not (Path(args.text_encoder) / "text_encoder" / "config.json").is_file():
+            check_pretrained_source(args.text_encoder, config_name="config.json", what="CLIP text encoder")
     return args
+
+
+def check_checkpoint_family(checkpoint: str, text_to_image: bool) -> None:
+    """Refuse an MMDiT checkpoint without --text_to_image and a SiT one with it, naming the flag to change."""
+    from diffusers_repa.conversion_mmdit import is_mmdit_checkpoint
+
+    mmdit = is_mmdit_checkpoint(checkpoint)
+    if mmdit and not text_to_image:
+        raise ValueError(
+            f"{checkpoint} is an original text-to-image MMDiT checkpoint (joint_blocks.*); add --text_to_image."
+        )
+    if text_to_image and not mmdit:
+        raise ValueError(
+            f"--text_to_image: {checkpoint} is not an original MMDiT checkpoint (it has no joint_blocks.*); a "
+            "class-conditional SiT checkpoint converts without --text_to_image."
+        )
+
+
+def load_clip_text_encoder(name_or_path: str):
+    """The CLIP tokenizer and text model of an MMDiTPipeline, from a Hub id or folder of a CLIP model (the text half
+    of a full `CLIPModel` checkpoint such as openai/clip-vit-large-patch14 is read) or a folder holding them as
+    tokenizer/ and text_encoder/, the layout of a pipeline folder."""
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    split = (Path(name_or_path) / "text_encoder").is_dir()
+    tokenizer = CLIPTokenizer.from_pretrained(name_or_path, subfolder="tokenizer" if split else "")
+    text_encoder = CLIPTextModel.from_pretrained(name_or_path, subfolder="text_encoder" if split else "")
+    return tokenizer, text_encoder
+
+
+def convert_text_to_image(args: argparse.Namespace) -> None:
+    from diffusers import AutoencoderKL
+
+    from diffusers_repa.conversion_mmdit import convert_mmdit_checkpoint
+    from diffusers_repa.pipelines import MMDiTPipeline
+    from diffusers_repa.schedulers import SiTSDEScheduler
+
+    model = convert_mmdit_checkpoint(args.checkpoint, encoder_depth=args.encoder_depth, weights=args.weights)
+    if args.vae is None:
+        model.save_pretrained(args.output)
+    else:
+        tokenizer, text_encoder = load_clip_text_encoder(args.text_encoder)
+        if text_encoder.config.hidden_size != model.config.joint_attention_dim:
+            raise ValueError(
+                f"--text_encoder {args.text_encoder} has width {text_encoder.config.hidden_size}, but the MMDiT reads "
+                f"{model.config.joint_attention_dim}-d token features; give the CLIP model it was trained with."
+            )
+        vae = AutoencoderKL.from_pretrained(args.vae)
+        scheduler = SiTSDEScheduler(path_type=args.path_type)
+        MMDiTPipeline(model, vae, scheduler, tokenizer, text_encoder).save_pretrained(args.output)
+    config = model.config
+    print(
+        f"Converted {args.checkpoint} -> {args.output}: MMDiT depth {config.depth}, width {model.hidden_size}, "
+        f"{config.num_attention_heads} heads, patch {config.patch_size}, text features {config.joint_attention_dim}, "
+        f"encoder depth {config.encoder_depth}, projections {list(config.projection_dims)}, "
+        f"{sum(p.numel() for p in model.parameters()):,} parameters."
+    )
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    check_checkpoint_family(args.checkpoint, args.text_to_image)
+    if args.text_to_image:
+        convert_text_to_image(args)
+        return
     from diffusers import AutoencoderKL
 
     from diffusers_repa.conversion import convert_repa_checkpoint

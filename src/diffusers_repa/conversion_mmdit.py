@@ -13,12 +13,15 @@ a renaming plus two exact rearrangements, so converting and exporting back is bi
 
 from __future__ import annotations
 
+import argparse
 import math
 import re
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from safetensors import safe_open
 
 from .conversion import load_repa_checkpoint, rename_key, rename_tables, strip_wrapper_prefixes
 from .models.transformer_mmdit import MMDIT_HEAD_DIM, MMDiTTransformer2DModel
@@ -66,6 +69,41 @@ def _swap_halves(tensor: torch.Tensor) -> torch.Tensor:
     return torch.cat([second, first])
 
 
+def is_mmdit_state_dict(keys: Iterable[str]) -> bool:
+    """Whether original parameter names are the text-to-image MMDiT's (``joint_blocks.*``; SiT's are ``blocks.*``)."""
+    return any(strip_wrapper_prefixes(key).startswith("joint_blocks.") for key in keys)
+
+
+def is_mmdit_checkpoint(path: str | Path) -> bool:
+    """Whether an original checkpoint file (any of the three forms) holds the text-to-image MMDiT.
+
+    Only the parameter names are read: the safetensors header, or a memory-mapped ``torch.load`` (weights only), so
+    that telling SiT from MMDiT does not read a multi-gigabyte ``train_t2i.py`` checkpoint once more before its
+    conversion.
+    """
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        with safe_open(str(path), framework="pt") as handle:
+            return is_mmdit_state_dict(handle.keys())
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        try:
+            payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:
+            # Files in torch's legacy (pre-zip) format cannot be memory-mapped; they are read in full.
+            payload = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(payload, dict):
+        return False
+    state_dicts = [payload[name] for name in ("ema", "model") if isinstance(payload.get(name), dict)] or [payload]
+    return is_mmdit_state_dict(state_dicts[0])
+
+
+def _check_mmdit_state_dict(state_dict: dict[str, torch.Tensor]) -> None:
+    if "x_embedder.proj.weight" not in state_dict or not is_mmdit_state_dict(state_dict):
+        raise ValueError(
+            "Not an original REPA MMDiT state dict: 'x_embedder.proj.weight' or 'joint_blocks.*' missing."
+        )
+
+
 def convert_mmdit_state_dict(original: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Original ``MMDiT`` state dict (optionally DDP/compile-wrapped) → [`MMDiTTransformer2DModel`] state dict.
 
@@ -73,10 +111,7 @@ def convert_mmdit_state_dict(original: dict[str, torch.Tensor]) -> dict[str, tor
     and so does diffusers' `PatchEmbed` when it crops.
     """
     original = {strip_wrapper_prefixes(key): value for key, value in original.items()}
-    if "x_embedder.proj.weight" not in original or not any(key.startswith("joint_blocks.") for key in original):
-        raise ValueError(
-            "Not an original REPA MMDiT state dict: 'x_embedder.proj.weight' or 'joint_blocks.*' missing."
-        )
+    _check_mmdit_state_dict(original)
     hidden_size = original["x_embedder.proj.weight"].shape[0]
     converted: dict[str, torch.Tensor] = {}
     for key, tensor in original.items():
@@ -131,8 +166,7 @@ def infer_mmdit_config(
     default 8.
     """
     state_dict = {strip_wrapper_prefixes(key): value for key, value in state_dict.items()}
-    if "x_embedder.proj.weight" not in state_dict:
-        raise ValueError("Not an original REPA MMDiT state dict: 'x_embedder.proj.weight' is missing.")
+    _check_mmdit_state_dict(state_dict)
     hidden_size, in_channels, patch_size, _ = state_dict["x_embedder.proj.weight"].shape
     if hidden_size % MMDIT_HEAD_DIM:
         raise ValueError(f"The original MMDiT has heads of {MMDIT_HEAD_DIM} channels; width {hidden_size} is not.")
