@@ -5,7 +5,7 @@ What the trainer plugs in around the one training step (`step.py`):
 ```
 pipeline  = load_finetune_pipeline("stabilityai/stable-diffusion-3.5-medium")   frozen text encoders and VAE
 model     = prepare_transformer(pipeline, projection_dims=(768,), encoder_depth=8, lora_rank=16)
-objective = SD3FlowObjective(pipeline, encoders, proj_coeff=0.5, latent_shift=..., latent_scale=...)
+objective = SD3FlowObjective(pipeline, encoders, proj_coeff=0.5)          latents: the pipeline VAE's shift, scale
 step      = TrainingStep(accelerator, model, objective, optimizer, ema, generator)
 ...
 save_lora_adapter(model, "out/lora")                   pytorch_lora_weights.safetensors (+ repa_head/)
@@ -41,6 +41,7 @@ from ..latents import vae_latent_shift_and_scale
 from ..losses import REPALossOutput, projection_loss
 from ..pretrained_paths import check_pretrained_source
 from ..repa_head import REPAHead, TransformerWithREPAHead, _unwrap
+from .model_setup import diffusion_transformer
 from .objectives import REPAFlowObjective
 
 # Pipelines this module fine-tunes (model_index.json `_class_name`): SD3, SD3.5 medium and large share the class.
@@ -156,16 +157,11 @@ def prepare_transformer(
     return TransformerWithREPAHead(transformer, head)
 
 
-def image_token_count(transformer: nn.Module, latent_size: int) -> int:
-    """Image tokens of an SD3 transformer on `latent_size`² latents: ``(latent_size / patch_size)²``. Unlike SiT's
-    count, it is not the config's `sample_size`: SD3 crops its position table to the latents of each resolution."""
-    return (latent_size // diffusion_transformer(transformer).config.patch_size) ** 2
-
-
-def diffusion_transformer(model: nn.Module) -> nn.Module:
-    """The diffusers transformer inside `model` (unwrapped from DDP / compile and from a `TransformerWithREPAHead`)."""
-    model = _unwrap(model)
-    return model.transformer if isinstance(model, TransformerWithREPAHead) else model
+def image_token_count(model: nn.Module, latent_size: int) -> int:
+    """Image tokens of the SD3 transformer in `model` on `latent_size`² latents: ``(latent_size / patch_size)²``.
+    Unlike SiT's count, it is not the config's `sample_size`: SD3 crops its position table to each resolution's
+    latents."""
+    return (latent_size // diffusion_transformer(_unwrap(model)).config.patch_size) ** 2
 
 
 class SD3FlowObjective(REPAFlowObjective):
@@ -178,9 +174,7 @@ class SD3FlowObjective(REPAFlowObjective):
     replaced by the empty caption with probability `caption_dropout_prob` (the pipeline's unconditional input for
     classifier-free guidance). The model is called as ``model(hidden_states=x_σ, timestep=1000·σ,
     encoder_hidden_states=..., pooled_projections=..., return_projections=...)`` (a [`TransformerWithREPAHead`]) or
-    as a bare SD3 transformer when there are no alignment targets. Another flow-matching family whose transformer
-    takes the latents as they are (Sana: ``encoder_hidden_states`` and ``encoder_attention_mask``) would need only
-    its own [`encode_captions`].
+    as a bare SD3 transformer when there are no alignment targets.
 
     Random draws per micro-batch, all from the step's generator, in order: the posterior noise of x_0, the caption
     dropout, u (σ), the noise ε.
@@ -193,8 +187,8 @@ class SD3FlowObjective(REPAFlowObjective):
         logit_mean / logit_std / mode_scale: the parameters of the logit-normal and mode laws.
         caption_dropout_prob: probability of training a sample on the empty caption.
         max_sequence_length: T5 tokens per caption (the example's 77; SD3's sampling default is 256).
-        scheduler: the training noise schedule (default: the pipeline's scheduler config, unshifted by
-            `set_timesteps`).
+        scheduler: whose σ table (with its shift) the training draws from (default: a new one from the pipeline's
+            scheduler config, which sampling's `set_timesteps` never touches).
         other arguments: as `REPAFlowObjective` (`path_type` and `time_sampling` do not apply).
     """
 
@@ -364,7 +358,7 @@ def export_finetuned_pipeline(pipeline: DiffusionPipeline, model: nn.Module, fol
     """Write `pipeline` with the fully fine-tuned transformer of `model` (its head left out) as a new pipeline folder
     (`save_pretrained`, safetensors, written atomically, replacing an existing one) and return its path. The
     pipeline itself is left with its own transformer."""
-    transformer = diffusion_transformer(model)
+    transformer = diffusion_transformer(_unwrap(model))
     if getattr(transformer, "peft_config", None):
         raise ValueError("The transformer has LoRA adapters: save them with save_lora_adapter (or fuse them first).")
     original = pipeline.transformer
