@@ -1,4 +1,6 @@
-"""Generate N samples (default 50,000) with a SiT pipeline for FID evaluation: PNGs plus one ADM-layout .npz.
+"""Generate N samples with a SiT pipeline (class-conditional, default 50,000) or an MMDiT pipeline (text-to-image,
+default one per prompt) for FID evaluation: PNGs plus one ADM-layout .npz (text-to-image: plus the prompt of every
+sample, in prompts.json and the .npz, for the CLIP score).
 
 Every sample depends only on (--seed, its index), so the result does not depend on the number of processes; an
 interrupted run resumes where it stopped (existing PNGs are kept).
@@ -11,6 +13,12 @@ Examples:
     # ODE with Heun, balanced classes (50 per class)
     accelerate launch pipelines/generate.py --pipeline sit-xl-2-repa --output_dir samples_ode --sampler ode --heun \\
         --steps 50 --label_sampling equal
+    # text-to-image, the original's COCO protocol (generate_t2i.py): val captions, ODE (Euler) 50 steps, CFG 1.5
+    accelerate launch pipelines/generate.py --pipeline mmdit-repa --output_dir coco_samples \
+        --captions_dataset <COCO val captions dataset or folder> --caption_column caption --num_samples 40192 \
+        --sampler ode --steps 50 --guidance_scale 1.5
+    # text-to-image from a text file, one prompt per line
+    python pipelines/generate.py --pipeline mmdit-repa --output_dir samples_t2i --prompts_file prompts.txt
 
 A mistake (a bad value, a missing pipeline folder, an output that is a file) ends with one
 ``generate.py: error: ...`` line (exit status 2) before any sample is drawn; ``--debug`` shows the traceback.
@@ -29,10 +37,12 @@ COMPILE_MODES = ("blocks", "graph", "cuda_graphs")
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--pipeline", required=True, help="SiTPipeline folder or Hub id")
+    parser.add_argument("--pipeline", required=True, help="SiTPipeline or MMDiTPipeline folder, or Hub id")
     parser.add_argument("--output_dir", required=True, help="folder for the PNGs {i:06d}.png")
     parser.add_argument("--npz", default=None, help="the packed samples (default: <output_dir>.npz)")
-    parser.add_argument("--num_samples", type=int, default=50000)
+    parser.add_argument(
+        "--num_samples", type=int, default=None, help="default: 50,000 class-conditional, one per prompt text-to-image"
+    )
     parser.add_argument("--batch_size", type=int, default=32, help="per process")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--sampler", choices=["sde", "ode"], default="sde")
@@ -47,7 +57,16 @@ def parse_args(argv=None) -> argparse.Namespace:
         metavar=("LOW", "HIGH"),
         help="CFG on low<=t<=high",
     )
-    parser.add_argument("--label_sampling", choices=["random", "equal"], default="random")
+    parser.add_argument(
+        "--label_sampling", choices=["random", "equal"], default="random", help="class-conditional only"
+    )
+    prompts = parser.add_argument_group("text-to-image prompts (MMDiTPipeline); sample i gets prompt i mod P")
+    prompts.add_argument("--prompts_file", default=None, help="a text file, one prompt per line (or a JSON list)")
+    prompts.add_argument(
+        "--captions_dataset", default=None, help="Hub dataset id or local folder of captions, e.g. COCO val"
+    )
+    prompts.add_argument("--caption_column", default="caption", help="its caption column (a list: the first)")
+    prompts.add_argument("--captions_split", default=None, help="default: the only split, else 'validation'")
     parser.add_argument("--path_type", choices=["linear", "cosine"], default=None, help="SDE interpolant")
     parser.add_argument("--mixed_precision", choices=["no", "bf16", "fp16"], default="no")
     parser.add_argument(
@@ -59,8 +78,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.heun and args.sampler != "ode":
         raise ValueError("--heun is an ODE solver option; add --sampler ode.")
+    if args.prompts_file is not None and args.captions_dataset is not None:
+        raise ValueError("Give the prompts once: --prompts_file or --captions_dataset, not both.")
+    if args.prompts_file is not None and not Path(args.prompts_file).is_file():
+        raise FileNotFoundError(f"--prompts_file {args.prompts_file} is not a file.")
     for flag in ("num_samples", "batch_size", "steps"):
-        if getattr(args, flag) < 1:
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise ValueError(f"--{flag} must be at least 1, got {getattr(args, flag)}.")
     if Path(args.output_dir).is_file():
         raise NotADirectoryError(f"--output_dir {args.output_dir} is a file; give a folder for the PNGs.")
@@ -70,9 +93,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def read_prompts(args: argparse.Namespace) -> list[str] | None:
+    """The prompts of --prompts_file or --captions_dataset (None for class-conditional sampling)."""
+    from diffusers_repa.evaluation.prompts import load_dataset_captions, read_prompts_file
+
+    if args.prompts_file is not None:
+        return read_prompts_file(args.prompts_file)
+    if args.captions_dataset is not None:
+        return load_dataset_captions(
+            args.captions_dataset, args.caption_column, split=args.captions_split, max_rows=args.num_samples
+        )
+    return None
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     from diffusers_repa.evaluation.generate import generate_samples
+    from diffusers_repa.evaluation.image_io import read_npz_shape
 
     npz_path = generate_samples(
         args.pipeline,
@@ -90,9 +127,11 @@ def main(argv=None) -> None:
         npz_path=args.npz,
         mixed_precision=args.mixed_precision,
         compile_mode=args.compile,
+        prompts=read_prompts(args),
     )
     if npz_path is not None:
-        print(f"Wrote {args.num_samples} samples to {args.output_dir} and {npz_path}")
+        (num_samples, *_), _ = read_npz_shape(npz_path)
+        print(f"Wrote {num_samples} samples to {args.output_dir} and {npz_path}")
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@ The paper's numbers (e.g. FID 1.42 for SiT-XL/2 + REPA) come from ADM's TensorFl
 on 50,000 samples against ``VIRTUAL_imagenet256_labeled.npz``. [`evaluate_samples`] repeats that computation:
 
 - sample statistics from all samples, reference statistics from the reference batch's ``mu``/``sigma``/``mu_s``/
-  ``sigma_s`` (or from its images when absent);
+  ``sigma_s`` (or from its images when absent); a reference of pool statistics only (``mu``/``sigma``, e.g. U-ViT's
+  ``fid_stats_mscoco256_val.npz`` of the text-to-image COCO protocol) gives FID without sFID;
 - Inception Score from the samples' 1008-way softmax, 10 splits;
 - precision/recall (k = 3) between the reference batch's images (``arr_0``, 10,000 in ADM's batch) and all samples.
 """
@@ -23,7 +24,7 @@ from tqdm.auto import tqdm
 
 from .dinov2 import DINOv2Features
 from .image_io import ImageSet, NpzWriter, npz_keys, open_image_set
-from .inception import FIDInceptionV3, InceptionFeatures, load_fid_inception
+from .inception import FIDInceptionV3, InceptionFeatures, ResizeConvention, load_fid_inception
 from .metrics import RunningStatistics, frechet_distance, inception_score, precision_recall
 
 ImageSource = str | os.PathLike | np.ndarray | ImageSet
@@ -92,8 +93,12 @@ def _resolve_models(
     inception_weights: str | os.PathLike | None,
     dinov2: DINOv2Features | str | os.PathLike | None,
     device: torch.device,
+    inception_resize: ResizeConvention = "tensorflow",
 ) -> tuple[nn.Module, nn.Module | None]:
-    inception = inception.eval().to(device) if inception is not None else load_fid_inception(inception_weights, device)
+    if inception is None:
+        inception = load_fid_inception(inception_weights, device)
+        inception.resize_convention = inception_resize
+    inception = inception.eval().to(device)
     if dinov2 is not None and not isinstance(dinov2, nn.Module):
         dinov2 = DINOv2Features.from_pretrained(dinov2)
     return inception, (dinov2.eval().to(device) if dinov2 is not None else None)
@@ -109,6 +114,7 @@ def evaluate_samples(
     dinov2: DINOv2Features | str | os.PathLike | None = None,
     inception_score_splits: int = 10,
     precision_recall_k: int = 3,
+    inception_resize: ResizeConvention = "tensorflow",
     show_progress: bool = True,
 ) -> dict[str, float | int]:
     """FID, sFID, Inception Score, precision and recall of a sample batch against a reference batch (ADM protocol).
@@ -117,7 +123,8 @@ def evaluate_samples(
         samples_npz: generated images: ADM ``.npz`` (``arr_0`` uint8 N×H×W×3), folder of images, or array.
         reference_npz: reference batch, e.g. ADM's ``VIRTUAL_imagenet256_labeled.npz``. Its ``mu``, ``sigma``,
             ``mu_s``, ``sigma_s`` (and ``mu_dinov2``, ``sigma_dinov2``) are used when present, otherwise computed from
-            its images; its images (``arr_0``) are the real set of precision/recall.
+            its images; its images (``arr_0``) are the real set of precision/recall. Pool statistics alone
+            (``mu``, ``sigma``: U-ViT's ``fid_stats_mscoco256_val.npz``) give FID and no sFID.
         inception_weights: FID Inception weights file (default: see
             [`~diffusers_repa.evaluation.inception.resolve_inception_weights`]).
         batch_size: images per Inception forward.
@@ -127,16 +134,21 @@ def evaluate_samples(
             ``"facebook/dinov2-large"``).
         inception_score_splits: chunks of the Inception Score (ADM: 10).
         precision_recall_k: neighbourhood size of the manifold balls (ADM: 3).
+        inception_resize: how the loaded Inception resizes to 299 px: ``"tensorflow"`` (ADM's evaluator) or
+            ``"pytorch_fid"`` (pytorch-fid, with which U-ViT computed its COCO statistics).
 
     Returns:
         ``{"inception_score", "fid", "sfid", "precision", "recall", ["fd_dinov2"], "num_samples",
-        "num_reference_images"}``; precision and recall are omitted when the reference has statistics but no images.
+        "num_reference_images"}``; precision and recall are omitted when the reference has statistics but no images,
+        sFID when it has neither images nor ``mu_s``/``sigma_s``.
     """
     samples = open_image_set(samples_npz)
     reference_keys = set(npz_keys(reference_npz)) if _is_npz(reference_npz) else {"arr_0"}
     reference = open_image_set(reference_npz) if "arr_0" in reference_keys else None
-    if reference is None and not {"mu", "sigma", "mu_s", "sigma_s"} <= reference_keys:
-        raise ValueError(f"{reference_npz} has neither images (arr_0) nor the statistics mu, sigma, mu_s, sigma_s.")
+    if reference is None and not {"mu", "sigma"} <= reference_keys:
+        raise ValueError(
+            f"{reference_npz} has neither images (arr_0) nor the statistics mu, sigma (and mu_s, sigma_s)."
+        )
     if dinov2 is not None and reference is None and not {"mu_dinov2", "sigma_dinov2"} <= reference_keys:
         raise ValueError(f"FD-DINOv2 needs images (arr_0) or mu_dinov2/sigma_dinov2 in {reference_npz}.")
     if reference is not None and _image_size(samples) != _image_size(reference):
@@ -148,7 +160,7 @@ def evaluate_samples(
         )
 
     device = torch.device(device) if device is not None else _default_device()
-    inception, dinov2 = _resolve_models(inception, inception_weights, dinov2, device)
+    inception, dinov2 = _resolve_models(inception, inception_weights, dinov2, device, inception_resize)
     run_kwargs = {"batch_size": batch_size, "device": device, "show_progress": show_progress}
 
     sample_run = _run_inception(
@@ -167,7 +179,8 @@ def evaluate_samples(
     reference_statistics = _reference_statistics(reference_npz, reference_keys, reference_run)
 
     results["fid"] = frechet_distance(*sample_run.pool_statistics.finalize(), *reference_statistics["pool"])
-    results["sfid"] = frechet_distance(*sample_run.spatial_statistics.finalize(), *reference_statistics["spatial"])
+    if "spatial" in reference_statistics:
+        results["sfid"] = frechet_distance(*sample_run.spatial_statistics.finalize(), *reference_statistics["spatial"])
     if reference_run is not None:
         reference_pool = np.concatenate(reference_run.pool)
         results["precision"], results["recall"] = precision_recall(
@@ -201,12 +214,17 @@ def _is_npz(source: ImageSource) -> bool:
 def _reference_statistics(
     reference_npz: ImageSource, keys: set[str], run: _InceptionRun | None
 ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """``{"pool": (mu, sigma)[, "spatial": (mu_s, sigma_s)]}``: all stored ones when the reference has all four,
+    else those of its images; the stored pool statistics alone when it has no images (no spatial ones then)."""
     if {"mu", "sigma", "mu_s", "sigma_s"} <= keys:
         with np.load(reference_npz) as stored:
             return {
                 "pool": (stored["mu"], stored["sigma"]),
                 "spatial": (stored["mu_s"], stored["sigma_s"]),
             }
+    if run is None:
+        with np.load(reference_npz) as stored:
+            return {"pool": (stored["mu"], stored["sigma"])}
     return {"pool": run.pool_statistics.finalize(), "spatial": run.spatial_statistics.finalize()}
 
 
@@ -220,6 +238,7 @@ def compute_reference_batch(
     device: str | torch.device | None = None,
     inception: FIDInceptionV3 | None = None,
     dinov2: DINOv2Features | str | os.PathLike | None = None,
+    inception_resize: ResizeConvention = "tensorflow",
     show_progress: bool = True,
 ) -> Path:
     """Write a reference batch in ADM's layout from a set of real images (already center-cropped to the resolution).
@@ -228,9 +247,10 @@ def compute_reference_batch(
     ``mu_dinov2``/``sigma_dinov2`` when ``dinov2`` is given, and ``arr_0``: ``num_images_to_keep`` images drawn
     without replacement with ``seed`` (in their original order), the real set of precision/recall, like the 10,000
     images of ADM's ``VIRTUAL_imagenet256_labeled.npz``. Statistics are accumulated in float64 in one streaming pass.
+    ``inception_resize`` as in [`evaluate_samples`].
     """
     device = torch.device(device) if device is not None else _default_device()
-    inception, dinov2 = _resolve_models(inception, inception_weights, dinov2, device)
+    inception, dinov2 = _resolve_models(inception, inception_weights, dinov2, device, inception_resize)
     images = open_image_set(images)
     total = len(images)
     keep = np.zeros(total, dtype=bool)
@@ -263,7 +283,7 @@ def compute_reference_batch(
 
 
 def format_metrics_table(metrics: dict[str, float | int]) -> str:
-    """A two-column text table of metric names and values, in ADM's order."""
+    """A two-column text table of metric names and values, in ADM's order (the CLIP score after ADM's metrics)."""
     names = {
         "inception_score": "Inception Score",
         "fid": "FID",
@@ -271,12 +291,15 @@ def format_metrics_table(metrics: dict[str, float | int]) -> str:
         "precision": "Precision",
         "recall": "Recall",
         "fd_dinov2": "FD-DINOv2",
+        "clip_score": "CLIP score",
         "num_samples": "samples",
         "num_reference_images": "reference images",
     }
+    order = list(names)
+    keys = sorted(metrics, key=lambda key: order.index(key) if key in names else len(order))
     rows = [
-        (names.get(key, key), f"{value:.4f}" if isinstance(value, float) else str(value))
-        for key, value in metrics.items()
+        (names.get(key, key), f"{metrics[key]:.4f}" if isinstance(metrics[key], float) else str(metrics[key]))
+        for key in keys
     ]
     width = max(len(name) for name, _ in rows)
     return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)

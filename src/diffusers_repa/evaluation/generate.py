@@ -1,5 +1,9 @@
 """Sample generation for FID-50K: PNGs ``{i:06d}.png`` plus one ADM-layout ``.npz``, distributed with accelerate.
 
+Class-conditional with a [`SiTPipeline`] (class labels drawn per sample), or text-to-image with an
+[`MMDiTPipeline`] and a list of prompts (sample ``i`` gets ``prompts[i % len(prompts)]``; the prompt of every sample
+is written to ``prompts.json`` and into the ``.npz``, so that the CLIP score can pair them).
+
 Reproducibility: sample ``i``'s class label, initial noise and SDE noise come from generators seeded with
 ``numpy.random.SeedSequence(seed, spawn_key=(i, stream))``, so every sample depends only on ``(seed, i)`` (and, for
 ``label_sampling="equal"``, on ``num_samples``) — not on the number of processes, the batch size, or which samples a
@@ -12,6 +16,7 @@ settings, and resuming with different settings is refused.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Sequence
@@ -26,12 +31,14 @@ from tqdm.auto import tqdm
 
 from ..atomic_files import write_file_atomically, write_text_atomically
 from .image_io import NpzWriter, read_image_file
+from .prompts import NPZ_PROMPTS_KEY, PROMPTS_NAME, check_prompts
 
 LabelSampling = Literal["random", "equal"]
 Sampler = Literal["sde", "ode"]
 
 _LABEL_STREAM, _NOISE_STREAM, _STEP_NOISE_STREAM = 0, 1, 2
 GENERATION_CONFIG_NAME = "generation_config.json"
+CLASS_CONDITIONAL_NUM_SAMPLES = 50000  # FID-50K
 
 
 def sample_seed(seed: int, index: int, stream: int) -> int:
@@ -79,6 +86,42 @@ def _scheduler_for(pipeline, sampler: Sampler, heun: bool, path_type: str | None
     raise ValueError(f"sampler must be 'sde' or 'ode', got {sampler!r}.")
 
 
+def load_generation_pipeline(name_or_path: str | os.PathLike):
+    """The [`MMDiTPipeline`] or [`SiTPipeline`] saved in a folder or Hub repo, by the class its ``model_index.json``
+    names."""
+    from ..pipelines.pipeline_mmdit import MMDiTPipeline
+    from ..pipelines.pipeline_sit import SiTPipeline
+
+    class_name = SiTPipeline.load_config(name_or_path).get("_class_name")
+    pipeline_class = MMDiTPipeline if class_name == MMDiTPipeline.__name__ else SiTPipeline
+    return pipeline_class.from_pretrained(name_or_path)
+
+
+def _check_task(pipeline, prompts: Sequence[str] | None) -> list[str] | None:
+    """The prompts (a list) for a text-to-image pipeline, None for a class-conditional one; a ValueError when
+    prompts are missing or were given to a class-conditional pipeline."""
+    from ..pipelines.pipeline_mmdit import MMDiTPipeline
+
+    if not isinstance(pipeline, MMDiTPipeline):
+        if prompts is not None:
+            raise ValueError(
+                f"Prompts were given, but the {type(pipeline).__name__} is class-conditional (it samples class "
+                "labels); prompts are for a text-to-image MMDiTPipeline."
+            )
+        return None
+    if prompts is None:
+        raise ValueError(
+            "The MMDiTPipeline is text-to-image: give the prompts to sample (--prompts_file, or --captions_dataset "
+            "with --caption_column)."
+        )
+    if pipeline.tokenizer is None or pipeline.text_encoder is None:
+        raise ValueError(
+            "The MMDiTPipeline has no tokenizer and text_encoder to encode the prompts; save it with its CLIP text "
+            "encoder (e.g. convert_repa_to_diffusers.py --text_to_image --vae ... --text_encoder ...)."
+        )
+    return check_prompts(prompts)
+
+
 def _check_resume_config(output_dir: Path, config: dict, is_main_process: bool) -> None:
     path = output_dir / GENERATION_CONFIG_NAME
     if path.is_file():
@@ -100,7 +143,7 @@ def _save_png(image: np.ndarray, path: Path) -> None:
 def generate_samples(
     pipeline,
     output_dir: str | os.PathLike,
-    num_samples: int = 50000,
+    num_samples: int | None = None,
     batch_size: int = 32,
     seed: int = 0,
     sampler: Sampler = "sde",
@@ -114,16 +157,21 @@ def generate_samples(
     accelerator: Accelerator | None = None,
     mixed_precision: Literal["no", "bf16", "fp16"] = "no",
     compile_mode: Literal["blocks", "graph", "cuda_graphs"] | None = None,
+    prompts: Sequence[str] | None = None,
     show_progress: bool = True,
 ) -> Path | None:
-    """Generate ``num_samples`` images with a [`SiTPipeline`] into ``output_dir`` and pack them into an ``.npz``.
+    """Generate ``num_samples`` images with a [`SiTPipeline`] (class-conditional) or an [`MMDiTPipeline`]
+    (text-to-image, from ``prompts``) into ``output_dir`` and pack them into an ``.npz``.
 
     Each process of ``accelerator`` (``accelerate launch``) takes every ``num_processes``-th missing index; existing
     PNGs are kept. When all are there, the main process writes ``npz_path`` (default ``<output_dir>.npz``) with
-    ``arr_0`` (uint8 N×H×W×3, ADM layout, streamed) and ``arr_1`` (int64 labels).
+    ``arr_0`` (uint8 N×H×W×3, ADM layout, streamed) and ``arr_1`` (int64 labels) or, text-to-image, ``prompts``
+    (N strings).
 
     Args:
-        pipeline: a [`SiTPipeline`] or a folder / Hub id to load one from.
+        pipeline: a [`SiTPipeline`] or [`MMDiTPipeline`], or a folder / Hub id to load one from.
+        num_samples: how many images; default 50,000 class-conditional, one per prompt text-to-image (more than
+            ``len(prompts)`` cycles through them).
         sampler: ``"sde"`` (Euler–Maruyama, the paper's 1.42 setting) or ``"ode"`` (Euler, or Heun with ``heun``).
         num_inference_steps, guidance_scale, guidance_interval: as [`SiTPipeline.__call__`]; the paper uses SDE, 250
             steps, CFG 1.8 on ``(0.0, 0.7)``.
@@ -133,21 +181,30 @@ def generate_samples(
         accelerator: default ``Accelerator(mixed_precision=mixed_precision)``; the model runs under its autocast.
         compile_mode: compile the transformer first (`SiTPipeline.compile_transformer`: ``"blocks"``, ``"graph"``
             or ``"cuda_graphs"``); None runs it eagerly. Compiled kernels may round differently, nothing else changes.
+        prompts: the captions of a text-to-image pipeline (required for it, refused for a class-conditional one);
+            sample ``i`` gets ``prompts[i % len(prompts)]``, written to ``prompts.json`` in ``output_dir``. The
+            original's COCO protocol: the val captions, ODE (Euler) 50 steps, CFG 1.5.
 
     Returns:
         The ``.npz`` path on the main process, None on the others.
     """
-    from ..pipelines.pipeline_sit import SiTPipeline
-
     for name, value in (("num_samples", num_samples), ("batch_size", batch_size)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise ValueError(f"{name} must be a positive integer, got {value!r}.")
     accelerator = accelerator or Accelerator(mixed_precision=mixed_precision)
     if isinstance(pipeline, str | os.PathLike):
-        pipeline = SiTPipeline.from_pretrained(pipeline)
+        pipeline = load_generation_pipeline(pipeline)
+    prompts = _check_task(pipeline, prompts)
+    if num_samples is None:
+        num_samples = CLASS_CONDITIONAL_NUM_SAMPLES if prompts is None else len(prompts)
     pipeline.scheduler = _scheduler_for(pipeline, sampler, heun, path_type)
     # The sampling settings are checked before they are recorded for resumption and before the first sample.
-    pipeline.check_inputs(batch_size, num_inference_steps, guidance_scale, guidance_interval, None, None, "pt", [])
+    if prompts is None:
+        pipeline.check_inputs(batch_size, num_inference_steps, guidance_scale, guidance_interval, None, None, "pt", [])
+    else:
+        pipeline.check_inputs(
+            prompts[:1], None, None, num_inference_steps, guidance_scale, guidance_interval, None, None, "pt", []
+        )
     pipeline = pipeline.to(accelerator.device)
     pipeline.set_progress_bar_config(disable=True)
     if compile_mode is not None:
@@ -156,22 +213,27 @@ def generate_samples(
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     transformer_config = pipeline.transformer.config
-    labels = sample_labels(num_samples, transformer_config.num_classes, seed, label_sampling)
-    _check_resume_config(
-        output_dir,
-        {
-            "num_samples": num_samples,
-            "seed": seed,
-            "sampler": sampler,
-            "num_inference_steps": num_inference_steps,
-            "heun": heun,
-            "guidance_scale": guidance_scale,
-            "guidance_interval": [float(value) for value in guidance_interval],
-            "label_sampling": label_sampling,
-            "path_type": pipeline.scheduler.config.get("path_type"),
-        },
-        accelerator.is_main_process,
-    )
+    settings = {
+        "num_samples": num_samples,
+        "seed": seed,
+        "sampler": sampler,
+        "num_inference_steps": num_inference_steps,
+        "heun": heun,
+        "guidance_scale": guidance_scale,
+        "guidance_interval": [float(value) for value in guidance_interval],
+        "path_type": pipeline.scheduler.config.get("path_type"),
+    }
+    if prompts is None:
+        labels, sample_prompts = sample_labels(num_samples, transformer_config.num_classes, seed, label_sampling), None
+        settings["label_sampling"] = label_sampling
+    else:
+        labels, sample_prompts = None, [prompts[i % len(prompts)] for i in range(num_samples)]
+        # A digest of the prompts, so that resuming with other prompts is refused like other settings.
+        serialized = json.dumps(sample_prompts, ensure_ascii=False).encode()
+        settings["prompts_sha256"] = hashlib.sha256(serialized).hexdigest()
+    _check_resume_config(output_dir, settings, accelerator.is_main_process)
+    if sample_prompts is not None and accelerator.is_main_process:
+        write_text_atomically(output_dir / PROMPTS_NAME, json.dumps(sample_prompts, ensure_ascii=False, indent=0))
 
     missing = [i for i in range(num_samples) if not (output_dir / f"{i:06d}.png").is_file()]
     # Every process must list the folder before any of them writes into it, or the shares would disagree.
@@ -192,9 +254,14 @@ def generate_samples(
             ]
         )
         step_generators = [torch.Generator().manual_seed(sample_seed(seed, i, _STEP_NOISE_STREAM)) for i in indices]
+        condition = (
+            {"class_labels": labels[indices].tolist()}
+            if sample_prompts is None
+            else {"prompt": [sample_prompts[i] for i in indices]}
+        )
         with accelerator.autocast():
             images = pipeline(
-                class_labels=labels[indices].tolist(),
+                **condition,
                 num_inference_steps=num_inference_steps,
                 guidance_scale=guidance_scale,
                 guidance_interval=tuple(guidance_interval),
@@ -211,13 +278,21 @@ def generate_samples(
     accelerator.wait_for_everyone()
     if not accelerator.is_main_process:
         return None
-    return write_samples_npz(output_dir, num_samples, labels, npz_path or output_dir.with_suffix(".npz"))
+    npz_path = npz_path or output_dir.with_suffix(".npz")
+    return write_samples_npz(output_dir, num_samples, labels, npz_path, prompts=sample_prompts)
 
 
 def write_samples_npz(
-    output_dir: str | os.PathLike, num_samples: int, labels: np.ndarray, npz_path: str | os.PathLike, chunk: int = 256
+    output_dir: str | os.PathLike,
+    num_samples: int,
+    labels: np.ndarray | None,
+    npz_path: str | os.PathLike,
+    chunk: int = 256,
+    prompts: Sequence[str] | None = None,
 ) -> Path:
-    """Pack ``{i:06d}.png`` for i < num_samples into ``npz_path`` (``arr_0`` uint8 N×H×W×3, ``arr_1`` labels)."""
+    """Pack ``{i:06d}.png`` for i < num_samples into ``npz_path``: ``arr_0`` uint8 N×H×W×3, ``arr_1`` the labels
+    (when given) and ``prompts`` the N prompts (when given, a unicode string array that ``np.load`` reads without
+    pickle)."""
     output_dir = Path(output_dir)
     paths = [output_dir / f"{i:06d}.png" for i in range(num_samples)]
     absent = [path.name for path in paths if not path.is_file()]
@@ -233,5 +308,8 @@ def write_samples_npz(
 
     with NpzWriter(npz_path) as writer:
         writer.write_batches("arr_0", batches(), shape=(num_samples, *first.shape), dtype=np.uint8)
-        writer.write("arr_1", np.asarray(labels, dtype=np.int64))
+        if labels is not None:
+            writer.write("arr_1", np.asarray(labels, dtype=np.int64))
+        if prompts is not None:
+            writer.write(NPZ_PROMPTS_KEY, np.asarray(list(prompts), dtype=str))
     return Path(npz_path)
