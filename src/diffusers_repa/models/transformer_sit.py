@@ -45,11 +45,6 @@ DIT_PRESETS = tuple(f"DiT-{size}/{patch}" for size in SIT_SIZES for patch in SIT
 _PRESET_PATTERN = re.compile(r"^(sit|dit)-(s|b|l|xl)/(\d+)$", re.IGNORECASE)
 
 
-def preset_family(name: str) -> str:
-    """``"SiT"`` or ``"DiT"``: the model family a preset name (``"DiT-XL/2"``) asks for."""
-    return "DiT" if name.strip().lower().startswith("dit-") else "SiT"
-
-
 def parse_sit_preset(name: str) -> dict[str, int]:
     """Config values of a preset name such as ``"SiT-XL/2"`` or ``"DiT-XL/2"`` (case-insensitive).
 
@@ -368,8 +363,8 @@ class SiTTransformer2DModel(JSONObjectConfigMixin, ModelMixin, ConfigMixin, Peft
 
         Keyword arguments override the preset (e.g. ``encoder_depth``, ``projection_dims``).
         """
-        if preset_family(name) != "SiT":
-            raise ValueError(f"{name} is a DiT preset: DiTs are diffusers' DiTTransformer2DModel, not a SiT.")
+        if not name.strip().lower().startswith("sit-"):
+            raise ValueError(f"{name} is not a SiT preset (SiT-{{S,B,L,XL}}/{{2,4,8}}).")
         return cls(**{**parse_sit_preset(name), **config})
 
     def _init_weights(self) -> None:

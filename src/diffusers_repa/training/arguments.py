@@ -85,8 +85,9 @@ class REPATrainingArguments:
     model: str = field(
         default="SiT-XL/2",
         metadata=_help(
-            "Preset: SiT-{S,B,L,XL}/{2,4,8} (flow matching), or DiT-{S,B,L,XL}/{2,4,8} (diffusers' DiT with learned "
-            "variance, trained with DiT's improved-DDPM objective)."
+            "Preset: SiT-{S,B,L,XL}/{2,4,8} (flow matching), DiT-{S,B,L,XL}/{2,4,8} (diffusers' DiT with learned "
+            "variance, trained with DiT's improved-DDPM objective), or MMDiT-<depth>/<patch> (text-to-image, the "
+            "original's sizing: width 32·depth; MMDiT-24/2 is its model; needs --caption_column)."
         ),
     )
     depth: int | None = field(default=None, metadata=_help("Override the preset's number of blocks."))
@@ -97,7 +98,17 @@ class REPATrainingArguments:
     )
     projector_dim: int = field(default=2048, metadata=_help("Width of the projector MLPs."))
     qk_norm: bool = field(default=False, metadata=_help("LayerNorm on queries and keys."))
-    cfg_prob: float = field(default=0.1, metadata=_help("Label dropout probability (done inside the model)."))
+    cfg_prob: float = field(
+        default=0.1,
+        metadata=_help("Label dropout (inside the model), or for an MMDiT caption dropout (to the empty caption)."),
+    )
+    text_encoder: str = field(
+        default="openai/clip-vit-large-patch14",
+        metadata=_help(
+            "MMDiT: the CLIP text encoder whose token features condition the model (a CLIP repo or folder, a "
+            "pipeline folder with tokenizer/ and text_encoder/, or 'tiny-clip', a tiny random one built locally)."
+        ),
+    )
     pretrained_model: str | None = field(
         default=None,
         metadata=_help("Fine-tune a trained SiT: a pipeline folder or Hub id (its `transformer` subfolder is used)."),
@@ -128,6 +139,20 @@ class REPATrainingArguments:
     dataset_split: str = field(default="train", metadata=_help("Split of --dataset."))
     image_column: str = field(default="image", metadata=_help("Image column of --dataset."))
     label_column: str = field(default="label", metadata=_help("Label column of --dataset."))
+    caption_column: str | None = field(
+        default=None,
+        metadata=_help(
+            "Caption column of --dataset (a string or a list of strings per image; one is drawn per sample and "
+            "epoch) for text-to-image training; e.g. 'caption' for 'digits-captions'."
+        ),
+    )
+    validation_prompts: str | None = field(
+        default=None,
+        metadata=_help(
+            "Text-to-image: the prompts of validation grids, separated by '|' (default: a caption of "
+            "--num_validation_images training images, spread over the classes when the dataset has labels)."
+        ),
+    )
     max_train_samples: int | None = field(default=None, metadata=_help("Use only the first N images."))
     cache_dir: str | None = field(
         default=None,
@@ -227,10 +252,10 @@ class REPATrainingArguments:
         # pretrained model brings its own shape.
         if self.pretrained_model is None:
             # Imported after the cheap checks, which thus answer without loading torch.
-            from ..models.transformer_sit import parse_sit_preset
+            from ..models.presets import parse_preset
 
             try:
-                preset = parse_sit_preset(self.model)
+                preset = parse_preset(self.model)
             except ValueError as error:
                 raise ValueError(f"--model: {error}") from None
             sizes = ("depth", "hidden_size", "num_attention_heads", "encoder_depth")
@@ -248,6 +273,28 @@ class REPATrainingArguments:
                     f"{source} {encoder_depth} is not a block of a {depth}-block model (--depth, or {self.model}'s): "
                     f"pass --encoder_depth between 1 and {depth}."
                 )
+        if self.model.strip().lower().startswith("mmdit-"):
+            if self.caption_column is None:
+                raise ValueError(
+                    f"--model {self.model} is text-to-image: pass --caption_column (e.g. 'caption' for --dataset "
+                    "digits-captions), the captions it learns from."
+                )
+            unsupported = {
+                "--lora_rank": self.lora_rank,
+                "--qk_norm": self.qk_norm,
+                # The sizes follow from the name (width 32·depth, depth heads), as in the original.
+                "--depth/--hidden_size/--num_attention_heads (name the depth: MMDiT-<depth>/<patch>)": (
+                    self.depth or self.hidden_size or self.num_attention_heads
+                ),
+            }
+            named = [flag for flag, given in unsupported.items() if given]
+            if named:
+                raise ValueError(f"--model {self.model} (an MMDiT) does not support {', '.join(named)} yet; drop it.")
+        elif self.caption_column is not None:
+            raise ValueError(
+                f"--caption_column trains on captions, which --model {self.model} (class-conditional) cannot use: "
+                "pass --model MMDiT-<depth>/<patch>, or drop --caption_column."
+            )
         if self.model.strip().lower().startswith("dit-"):
             # What the DiT path (diffusers' DiTTransformer2DModel and DiTPipeline) does not do yet.
             unsupported = {
@@ -267,6 +314,16 @@ class REPATrainingArguments:
     @property
     def settings_to_change(self) -> set[str]:
         return {name.strip() for name in (self.resume_with_changes or "").split(",") if name.strip()}
+
+    @property
+    def is_text_to_image(self) -> bool:
+        return self.caption_column is not None
+
+    @property
+    def validation_prompt_list(self) -> list[str] | None:
+        if self.validation_prompts is None:
+            return None
+        return [prompt.strip() for prompt in self.validation_prompts.split("|")]
 
     @property
     def encoder_names(self) -> list[str]:

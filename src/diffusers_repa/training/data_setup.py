@@ -22,6 +22,7 @@ from ..data import (
     make_train_dataloader,
     read_cache_info,
 )
+from ..data.latent_cache import cache_text_encoder_matches
 from .arguments import REPATrainingArguments
 from .preflight import check_sources_reachable, default_cache_dir
 
@@ -49,8 +50,9 @@ def build_cache_loader(
         # The default folder is named after --dataset: reuse it only if that source has not changed since. An
         # explicit --cache_dir is the user's choice of data (e.g. a shared cache), whatever --dataset says.
         check_cache_source(
-            cache_dir, source, args.dataset_split, args.image_column, args.label_column, args.max_train_samples
-        )
+            cache_dir, source, args.dataset_split, args.image_column, args.label_column, args.max_train_samples,
+            caption_column=args.caption_column,
+        )  # fmt: skip
     if not have_cache:
         if accelerator.is_main_process:
             logger.info(f"Building the latent cache in {cache_dir} (once).")
@@ -62,6 +64,9 @@ def build_cache_loader(
             split=args.dataset_split,
             image_column=args.image_column,
             label_column=args.label_column,
+            caption_column=args.caption_column,
+            # Text-to-image: every caption's text features are computed once, into the cache (as the original).
+            text_encoder=args.text_encoder if args.is_text_to_image else None,
             max_samples=args.max_train_samples,
         )
     info = read_cache_info(cache_dir)
@@ -96,3 +101,17 @@ def check_cache_fits(args: REPATrainingArguments, info: LatentCacheInfo, cache_d
         )
     if not cache_vae_matches(info, args.vae):  # same shapes, other weights: the latents decode wrongly
         logger.warning(f"The latent cache was encoded with VAE {info.vae!r}; this run decodes with {args.vae!r}.")
+    if args.is_text_to_image and info.caption_column is None:
+        raise ValueError(
+            f"The latent cache {cache_dir} holds no captions: build one from a dataset with --caption_column (or "
+            "pass another --cache_dir)."
+        )
+    if (
+        args.is_text_to_image
+        and info.text_encoder is not None
+        and not cache_text_encoder_matches(info, args.text_encoder)
+    ):  # features of another text encoder would condition the model on what sampling never gives it
+        raise ValueError(
+            f"The latent cache {cache_dir} holds text features of {info.text_encoder!r}, not of --text_encoder "
+            f"{args.text_encoder!r}: pass the same text encoder, or another --cache_dir."
+        )

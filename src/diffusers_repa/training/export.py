@@ -1,5 +1,5 @@
-"""What a run leaves for inference: sample grids of the EMA weights and the final export (a `SiTPipeline` or
-`DiTPipeline`, or a LoRA adapter, with a sample grid and a model card), written atomically."""
+"""What a run leaves for inference: sample grids of the EMA weights and the final export (a `SiTPipeline`,
+`DiTPipeline` or `MMDiTPipeline`, or a LoRA adapter, with a sample grid and a model card), written atomically."""
 
 from __future__ import annotations
 
@@ -27,21 +27,22 @@ SAMPLE_GRID_NAME = "samples.png"
 @torch.no_grad()
 def sample_grid(
     pipeline: DiffusionPipeline,
-    labels: list[int],
+    conditions: list[int] | list[str],
     noise: torch.Tensor,
     num_inference_steps: int,
     guidance_scale: float,
     seed: int,
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
 ) -> PIL.Image.Image:
-    """Images of `pipeline` for `labels` from the fixed initial `noise` (N, C, h, w), as one grid (rows × cols as
-    square as the count allows; images under 64 px enlarged by an integer factor, nearest neighbour)."""
+    """Images of `pipeline` for `conditions` — class labels, or prompts of a text-to-image pipeline — from the fixed
+    initial `noise` (N, C, h, w), as one grid (rows × cols as square as the count allows; images under 64 px enlarged
+    by an integer factor, nearest neighbour)."""
     pipeline.set_progress_bar_config(disable=True)
     # diffusers' DiTPipeline draws its initial noise from the generator alone (it takes no `latents`).
     takes_latents = "latents" in inspect.signature(pipeline.__call__).parameters
     with autocast():
         images = pipeline(
-            class_labels=labels,
+            **{"prompt" if isinstance(conditions[0], str) else "class_labels": conditions},
             num_inference_steps=num_inference_steps,
             guidance_scale=guidance_scale,
             generator=torch.Generator(pipeline.device).manual_seed(seed),

@@ -18,7 +18,7 @@ from typing import Any
 from huggingface_hub import EvalResult, ModelCard, ModelCardData, create_repo, upload_folder
 
 from ..data import DIGITS_DATASET, IMAGENET_1K_REPO_ID
-from ..models.transformer_sit import preset_family
+from ..models.presets import preset_family
 from .arguments import REPATrainingArguments
 
 # The Jinja template lives in the repository's model_cards/ folder; templates/sit_repa.md links to it so that it is
@@ -30,7 +30,8 @@ _CARD_SETTINGS = (
     "model", "depth", "hidden_size", "num_attention_heads", "encoder", "encoder_depth", "proj_coeff", "path_type",
     "time_sampling", "alignment_stop_step", "cfg_prob", "resolution", "vae", "dataset", "max_train_steps",
     "global_batch_size", "learning_rate", "adam_beta1", "adam_beta2", "adam_weight_decay", "max_grad_norm",
-    "ema_decay", "mixed_precision", "seed", "pretrained_model", "lora_rank", "lora_alpha",
+    "ema_decay", "mixed_precision", "seed", "pretrained_model", "lora_rank", "lora_alpha", "text_encoder",
+    "caption_column",
 )  # fmt: skip
 
 
@@ -80,7 +81,7 @@ class SampleGridInfo:
     """What the card says about its sample grid (a PNG next to the card)."""
 
     filename: str
-    labels: list[int]
+    conditions: list[int] | list[str]  # class labels, or prompts for a text-to-image model
     sampler: str
     num_inference_steps: int
     guidance_scale: float
@@ -88,6 +89,7 @@ class SampleGridInfo:
 
 # The Hub has no class-conditional task; class-conditional generators (DiT, SiT) are listed as unconditional.
 PIPELINE_TAG = "unconditional-image-generation"
+TEXT_TO_IMAGE_TAG = "text-to-image"
 # The code's license (diffusers-repa, diffusers and the original REPA code are Apache-2.0); the card names the training
 # data's own terms separately.
 LICENSE = "apache-2.0"
@@ -114,10 +116,11 @@ def _eval_results(args: REPATrainingArguments, metrics: dict[str, float]) -> lis
         return None
     dataset_ids = _hub_dataset_ids(args.dataset)
     dataset = dataset_ids[0] if dataset_ids else _card_value(args.dataset)
+    text_to_image = args.is_text_to_image
     return [
         EvalResult(
-            task_type=PIPELINE_TAG,
-            task_name="Class-conditional image generation",
+            task_type=TEXT_TO_IMAGE_TAG if text_to_image else PIPELINE_TAG,
+            task_name="Text-to-image generation" if text_to_image else "Class-conditional image generation",
             dataset_type=dataset,
             dataset_name=dataset,
             dataset_split=args.dataset_split,
@@ -162,14 +165,15 @@ def render_model_card(
     is_lora = args.use_lora
     base_model_on_hub = args.pretrained_model is not None and not is_local_path(args.pretrained_model)
     family = preset_family(args.model).lower()
-    tags = ["diffusers", family, "repa", "class-conditional", "image-generation"] + (["lora"] if is_lora else [])
+    task = "text-to-image" if args.is_text_to_image else "class-conditional"
+    tags = ["diffusers", family, "repa", task, "image-generation"] + (["lora"] if is_lora else [])
     model_name = (
         args.hub_model_id.rstrip("/").split("/")[-1] if args.hub_model_id else Path(args.output_dir).resolve().name
     )
     card_data = ModelCardData(
         license=LICENSE,
         library_name="diffusers",
-        pipeline_tag=PIPELINE_TAG,
+        pipeline_tag=TEXT_TO_IMAGE_TAG if args.is_text_to_image else PIPELINE_TAG,
         tags=tags,
         datasets=_hub_dataset_ids(args.dataset),
         base_model=args.pretrained_model if is_lora and base_model_on_hub else None,
@@ -190,6 +194,9 @@ def render_model_card(
         repo_id=repo_id,
         is_lora=is_lora,
         is_dit=family == "dit",
+        is_text_to_image=args.is_text_to_image,
+        text_encoder=_card_value(args.text_encoder),
+        caption_column=args.caption_column,
         lora_rank=args.lora_rank,
         base_model=_card_value(args.pretrained_model),
         base_model_url=f"https://huggingface.co/{args.pretrained_model}" if base_model_on_hub else None,
@@ -204,7 +211,7 @@ def render_model_card(
         ema_decay=args.ema_decay,
         num_steps=num_steps,
         sample_grid=sample_grid.filename if sample_grid else None,
-        sample_labels=sample_grid.labels if sample_grid else None,
+        sample_conditions=sample_grid.conditions if sample_grid else None,
         sample_sampler=sample_grid.sampler.upper() if sample_grid else None,
         sample_steps=sample_grid.num_inference_steps if sample_grid else None,
         sample_guidance=sample_grid.guidance_scale if sample_grid else None,

@@ -1,6 +1,6 @@
 """The trained model and its optimizer, as the run's arguments ask for them: a new SiT of a preset size, a pretrained
-one fine-tuned in full or with LoRA adapters, or a new DiT (diffusers' `DiTTransformer2DModel` with learned variance,
-for the improved-DDPM objective) with a `REPAHead`."""
+one fine-tuned in full or with LoRA adapters, a new DiT (diffusers' `DiTTransformer2DModel` with learned variance,
+for the improved-DDPM objective) with a `REPAHead`, or a text-to-image `MMDiTTransformer2DModel`."""
 
 from __future__ import annotations
 
@@ -10,7 +10,9 @@ from peft import LoraConfig
 from torch import nn
 
 from ..data import LatentCacheInfo
-from ..models.transformer_sit import SiTTransformer2DModel, parse_sit_preset, preset_family
+from ..models.presets import parse_preset, preset_family
+from ..models.transformer_mmdit import MMDiTTransformer2DModel
+from ..models.transformer_sit import SiTTransformer2DModel
 from ..repa_head import REPAHead, TransformerWithREPAHead
 from .arguments import REPATrainingArguments
 
@@ -23,9 +25,11 @@ def resolve_encoder_depth(args: REPATrainingArguments) -> int:
     """The block whose output is aligned: --encoder_depth, else the pretrained model's or the preset's."""
     if args.encoder_depth is not None:
         return args.encoder_depth
-    if args.pretrained_model is not None and preset_family(args.model) == "SiT":
-        return SiTTransformer2DModel.load_config(args.pretrained_model, subfolder="transformer")["encoder_depth"]
-    return parse_sit_preset(args.model)["encoder_depth"]
+    family = preset_family(args.model)
+    if args.pretrained_model is not None and family != "DiT":
+        model_class = SiTTransformer2DModel if family == "SiT" else MMDiTTransformer2DModel
+        return model_class.load_config(args.pretrained_model, subfolder="transformer")["encoder_depth"]
+    return parse_preset(args.model)["encoder_depth"]
 
 
 # diffusers' DiTPipeline draws the unconditional half of classifier-free guidance with class id 1000, so a DiT keeps
@@ -43,7 +47,7 @@ def build_dit(args: REPATrainingArguments, info: LatentCacheInfo, projection_dim
     if args.pretrained_model is not None:
         dit = _pretrained_dit(args, info)
     else:
-        preset = parse_sit_preset(args.model)
+        preset = parse_preset(args.model)
         hidden = args.hidden_size or preset["hidden_size"]
         heads = args.num_attention_heads or preset["num_attention_heads"]
         dit = DiTTransformer2DModel(
@@ -116,6 +120,43 @@ def _pretrained_dit(args: REPATrainingArguments, info: LatentCacheInfo) -> DiTTr
     return dit
 
 
+def build_mmdit(
+    args: REPATrainingArguments, info: LatentCacheInfo, projection_dims: tuple[int, ...], text_dim: int
+) -> MMDiTTransformer2DModel:
+    """A new `MMDiTTransformer2DModel` of the `MMDiT-<depth>/<patch>` preset (the original's sizing) on the cache's
+    inputs, conditioned on `text_dim`-wide text token features, with one projector per alignment target — or the
+    `--pretrained_model` MMDiTPipeline's transformer (new projectors where the widths differ)."""
+    if args.pretrained_model is not None:
+        model = MMDiTTransformer2DModel.from_pretrained(args.pretrained_model, subfolder="transformer")
+        config, name = model.config, f"--pretrained_model {args.pretrained_model}"
+        if (config.sample_size, config.in_channels) != (info.latent_size, info.latent_channels):
+            raise ValueError(
+                f"{name} works on {config.in_channels}×{config.sample_size}² inputs, the cache holds "
+                f"{info.latent_channels}×{info.latent_size}²: use the VAE and resolution of its training."
+            )
+        if config.joint_attention_dim != text_dim:
+            raise ValueError(
+                f"{name} reads {config.joint_attention_dim}-wide text features, --text_encoder {args.text_encoder} "
+                f"gives {text_dim}: use the text encoder of its training."
+            )
+        if tuple(config.projection_dims) != projection_dims:
+            pretrained = {k: v for k, v in model.state_dict().items() if not k.startswith("projectors.")}
+            model = MMDiTTransformer2DModel.from_config(model.config, projection_dims=projection_dims)
+            model.load_state_dict(pretrained, strict=False)
+        return model
+    preset = parse_preset(args.model)
+    return MMDiTTransformer2DModel.from_depth(
+        preset["depth"],
+        sample_size=info.latent_size,
+        patch_size=preset["patch_size"],
+        in_channels=info.latent_channels,
+        joint_attention_dim=text_dim,
+        encoder_depth=args.encoder_depth,
+        projector_dim=args.projector_dim,
+        projection_dims=projection_dims,
+    )
+
+
 def diffusion_transformer(model: nn.Module) -> nn.Module:
     """The diffusers transformer inside `model` (itself, or the one a `TransformerWithREPAHead` wraps)."""
     return model.transformer if isinstance(model, TransformerWithREPAHead) else model
@@ -127,12 +168,17 @@ def token_count(model: nn.Module) -> int:
     return (config.sample_size // config.patch_size) ** 2
 
 
-def build_model(args: REPATrainingArguments, info: LatentCacheInfo, projection_dims: tuple[int, ...]) -> nn.Module:
+def build_model(
+    args: REPATrainingArguments, info: LatentCacheInfo, projection_dims: tuple[int, ...], text_dim: int | None = None
+) -> nn.Module:
     """A new SiT of the preset size for the cache's inputs (latents, or pixels without a VAE), the
     `--pretrained_model` transformer (with LoRA adapters if asked), with one projector per alignment target — or, for
-    a DiT preset, [`build_dit`]."""
-    if preset_family(args.model) == "DiT":
+    a DiT preset, [`build_dit`], and for an MMDiT (text features `text_dim` wide), [`build_mmdit`]."""
+    family = preset_family(args.model)
+    if family == "DiT":
         return build_dit(args, info, projection_dims)
+    if family == "MMDiT":
+        return build_mmdit(args, info, projection_dims, text_dim)
     if args.pretrained_model is None:
         sizes = {
             "depth": args.depth,

@@ -101,27 +101,81 @@ class REPAFlowObjective:
     ) -> REPALossOutput:
         x_0 = self.clean_inputs(batch, generator)
         targets = self.encode_targets(batch["image"]) if self.aligns_at(step) else []
-        return self.loss(model, x_0, batch["label"], targets, generator)
+        return self.loss(model, x_0, self.condition(batch, generator), targets, generator)
+
+    def condition(self, batch: dict[str, torch.Tensor], generator: torch.Generator) -> torch.Tensor:
+        """What the model is conditioned on: the class labels (N,) (their dropout happens inside the model)."""
+        return batch["label"]
 
     def loss(
         self,
         model: nn.Module,
         x_0: torch.Tensor,
-        labels: torch.Tensor,
+        condition: torch.Tensor,
         targets: list[torch.Tensor],
         generator: torch.Generator,
     ) -> REPALossOutput:
-        """The diffusion loss on clean inputs x_0 (N, C, h, w) plus λ · alignment: SiT's velocity regression."""
+        """The diffusion loss on clean inputs x_0 (N, C, h, w) given `condition` (the model's third argument: class
+        labels, or text token features) plus λ · alignment: SiT's velocity regression."""
         return repa_loss(
             model,
             x_0,
-            labels,
+            condition,
             targets,
             proj_coeff=self.proj_coeff,
             path_type=self.path_type,
             time_sampling=self.time_sampling,
             generator=generator,
         )
+
+
+class TextToImageObjective(REPAFlowObjective):
+    """REPA's text-to-image objective (the original's `train_t2i.py`): `REPAFlowObjective`'s velocity loss and
+    alignment, conditioned on text token features instead of class labels — an `MMDiTTransformer2DModel` called as
+    ``model(x_t, t, context)``.
+
+    The context of a sample is its drawn caption's features: ``batch["text_features"]`` (N, L, D) when the cache holds
+    them, else `encode_text` of ``batch["caption"]`` (list of N strings) on the fly. With probability `caption_dropout`
+    a sample gets `null_context` (the empty caption's features, (1, L, D)) instead, so that the model also learns the
+    unconditional velocity that classifier-free guidance needs; the draw comes from `generator` (one uniform per
+    sample, before the loss's own draws), so a resumed run drops the same captions as an uninterrupted one.
+
+    Args:
+        null_context: the empty caption's features (1, L, D), on the training device.
+        caption_dropout: probability of training a sample unconditionally (the original's 0.1).
+        encode_text: captions → features (N, L, D), for caches without features (None: the batch must hold them).
+        other arguments: as `REPAFlowObjective`.
+    """
+
+    def __init__(
+        self,
+        encoders: Sequence[FrozenVisionEncoder] = (),
+        *,
+        null_context: torch.Tensor,
+        caption_dropout: float = 0.1,
+        encode_text: Callable[[list[str]], torch.Tensor] | None = None,
+        **kwargs,
+    ):
+        super().__init__(encoders, **kwargs)
+        self.null_context = null_context
+        self.caption_dropout = caption_dropout
+        self.encode_text = encode_text
+
+    def condition(self, batch: dict[str, torch.Tensor], generator: torch.Generator) -> torch.Tensor:
+        """The text context (N, L, D) of each sample: its caption's features, or the null context if dropped."""
+        if "text_features" in batch:
+            context = batch["text_features"]
+        elif self.encode_text is not None:
+            with torch.no_grad(), self.autocast():
+                context = self.encode_text(list(batch["caption"])).float()
+        else:
+            raise ValueError(
+                "The batch holds no `text_features` and the objective has no text encoder: build the cache with a "
+                "text encoder, or pass encode_text."
+            )
+        null = self.null_context.to(device=context.device, dtype=context.dtype)
+        keep = torch.rand(context.shape[0], generator=generator, device=generator.device) >= self.caption_dropout
+        return torch.where(keep.to(context.device)[:, None, None], context, null)
 
 
 class DDPMObjective(REPAFlowObjective):
@@ -148,11 +202,11 @@ class DDPMObjective(REPAFlowObjective):
         self,
         model: nn.Module,
         x_0: torch.Tensor,
-        labels: torch.Tensor,
+        condition: torch.Tensor,
         targets: list[torch.Tensor],
         generator: torch.Generator,
     ) -> REPALossOutput:
         """DiT's hybrid loss (mse + vb per sample, t and ε drawn from `generator` as DiT does) plus λ · alignment."""
         return improved_ddpm_repa_loss(
-            model, x_0, labels, targets, proj_coeff=self.proj_coeff, generator=generator, schedule=self.schedule
+            model, x_0, condition, targets, proj_coeff=self.proj_coeff, generator=generator, schedule=self.schedule
         )

@@ -1,8 +1,9 @@
 """Evaluation during training (`--eval_steps`): EMA samples against the training images, logged as a curve.
 
 Every `--eval_steps` optimizer steps (and at the last step) the trainer samples `--eval_num_samples` images from the
-EMA weights — the same class labels (every class equally often) and the same initial noise each time, so the points
-of a curve differ only by the weights — and measures them with an evaluator of `evaluation.training_eval`: a Fréchet
+EMA weights — the same class labels (every class equally often) or, for a text-to-image model, the same training
+captions (of those classes when the data has labels), and the same initial noise each time, so the points of a curve
+differ only by the weights — and measures them with an evaluator of `evaluation.training_eval`: a Fréchet
 distance to the training images in some feature space (`--eval_metric`: the independent digit classifier's for the
 digits, FID Inception's, or any `load_encoder` model's) and, where a classifier exists, the fraction of samples
 labelled as the class they were drawn for. Each evaluation is a row of `<output_dir>/eval.csv` (a resumed run rewrites
@@ -20,6 +21,7 @@ import torch
 from diffusers import DiffusionPipeline
 
 from ..data import DIGITS_DATASET, LatentCacheBatches, load_latent_cache
+from ..data.digits import DIGITS_CAPTIONS_DATASET
 from ..evaluation import append_eval_row, build_training_evaluator, plot_eval_curves, read_eval_rows, sample_labels
 from .arguments import REPATrainingArguments
 
@@ -29,10 +31,30 @@ _BATCH_SIZE = 250  # images per pipeline call and per feature batch: bounded mem
 
 
 def default_eval_metric(args: REPATrainingArguments) -> str:
-    """`--eval_metric`, else the digit classifier for the digits and FID (Inception) for everything else."""
+    """`--eval_metric`, else the digit classifier for the digits (with or without captions) and FID (Inception) for
+    everything else."""
     if args.eval_metric is not None:
         return args.eval_metric
-    return "digits" if args.dataset == DIGITS_DATASET else "inception"
+    return "digits" if args.dataset in (DIGITS_DATASET, DIGITS_CAPTIONS_DATASET) else "inception"
+
+
+def evaluation_captions(cache_dir: Path, labels: np.ndarray | None, count: int) -> list[str]:
+    """Prompts from the cache's captions: for each of `labels` the first caption of the next training image of that
+    class (so a sample's class is the caption's), or without labels the first captions of the first `count` images."""
+    dataset = load_latent_cache(cache_dir)
+    captions = dataset["caption"]  # the cache's captions: a list per image
+    if labels is None:
+        return [captions[index % len(captions)][0] for index in range(count)]
+    rows_of_class: dict[int, list[int]] = {}
+    for row, label in enumerate(dataset["label"]):
+        rows_of_class.setdefault(int(label), []).append(row)
+    seen: dict[int, int] = {}
+    prompts = []
+    for label in labels.tolist():
+        rows = rows_of_class[label]
+        prompts.append(captions[rows[seen.get(label, 0) % len(rows)]][0])
+        seen[label] = seen.get(label, 0) + 1
+    return prompts
 
 
 def _reference_batches(cache_dir: Path, num_images: int) -> Iterator[torch.Tensor]:
@@ -50,7 +72,7 @@ class PeriodicEvaluation:
     Args:
         args: the run's settings (`eval_*`, `seed`, `resolution`, the sampler and guidance of the evaluation).
         cache_dir: the latent cache the run trains on; its first `--eval_num_reference` crops are the reference.
-        num_classes: classes of the dataset (labels 0..num_classes-1).
+        num_classes: classes of the dataset (labels 0..num_classes-1; 0: captions without labels).
         output_dir: where `eval.csv` and `eval.png` go.
         device: where the feature networks run.
     """
@@ -69,7 +91,16 @@ class PeriodicEvaluation:
             self.metric, _reference_batches(cache_dir, args.eval_num_reference), resolution=args.resolution,
             device=device,
         )  # fmt: skip
-        self.labels = sample_labels(args.eval_num_samples, num_classes, seed=args.seed, label_sampling="equal")
+        self.labels = (
+            sample_labels(args.eval_num_samples, num_classes, seed=args.seed, label_sampling="equal")
+            if num_classes
+            else None
+        )
+        # Text-to-image: the prompts sampled (class accuracy then says how often the image is its caption's class).
+        self.prompts = (
+            evaluation_captions(cache_dir, self.labels, args.eval_num_samples) if args.is_text_to_image else None
+        )
+        self.conditions = self.prompts if self.prompts is not None else self.labels.tolist()
         self.csv_path = output_dir / EVAL_CSV_NAME
         self.plot_path = output_dir / EVAL_PLOT_NAME
 
@@ -79,15 +110,16 @@ class PeriodicEvaluation:
         pipeline: DiffusionPipeline,
         autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
     ) -> np.ndarray:
-        """`--eval_num_samples` images (N, R, R, 3) in [0, 1] for the fixed labels; batch b starts from the noise of
-        seed (`--seed`, b), so every evaluation of a run sees the same noise."""
+        """`--eval_num_samples` images (N, R, R, 3) in [0, 1] for the fixed labels or prompts; batch b starts from
+        the noise of seed (`--seed`, b), so every evaluation of a run sees the same noise."""
         args, batches = self.args, []
         pipeline.set_progress_bar_config(disable=True)
-        for index, start in enumerate(range(0, len(self.labels), _BATCH_SIZE)):
+        condition_name = "class_labels" if self.prompts is None else "prompt"
+        for index, start in enumerate(range(0, len(self.conditions), _BATCH_SIZE)):
             generator = torch.Generator(pipeline.device).manual_seed(args.seed * 1_000_003 + index)
             with autocast():
                 output = pipeline(
-                    class_labels=self.labels[start : start + _BATCH_SIZE].tolist(),
+                    **{condition_name: self.conditions[start : start + _BATCH_SIZE]},
                     num_inference_steps=args.eval_inference_steps,
                     guidance_scale=args.eval_guidance_scale,
                     generator=generator,
@@ -105,6 +137,6 @@ class PeriodicEvaluation:
         """Evaluate `pipeline` (the EMA weights) at `step`: append the row to eval.csv, redraw eval.png, return it."""
         metrics = self.evaluator.evaluate(self.sample(pipeline, autocast), self.labels)
         append_eval_row(self.csv_path, step, metrics)
-        title = f"EMA samples ({len(self.labels)}, guidance {self.args.eval_guidance_scale:g}) vs. training images"
+        title = f"EMA samples ({len(self.conditions)}, guidance {self.args.eval_guidance_scale:g}) vs. training images"
         plot_eval_curves(read_eval_rows(self.csv_path), self.plot_path, title=title)
         return metrics

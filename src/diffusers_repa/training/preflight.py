@@ -17,6 +17,7 @@ from transformers import AutoConfig
 
 from ..cli import UserError
 from ..data import DIGITS_DATASET, is_pixel_space_vae, load_image_source
+from ..data.digits import DIGITS_CAPTIONS_DATASET
 from ..encoders import (
     DIGITS_ENCODER_NAME,
     ENCODER_ALIASES,
@@ -24,7 +25,9 @@ from ..encoders import (
     TOKEN_STRIDE_CONFIG_KEY,
     builtin_encoder_folder,
 )
-from ..models.transformer_sit import SiTTransformer2DModel, parse_sit_preset
+from ..models.presets import parse_preset
+from ..models.tiny_text_encoder import TINY_CLIP_NAME
+from ..models.transformer_sit import SiTTransformer2DModel
 from .arguments import REPATrainingArguments
 
 logger = logging.getLogger(__name__)
@@ -44,6 +47,8 @@ def default_cache_dir(args: REPATrainingArguments) -> Path:
     parts = [args.dataset, args.dataset_split, f"{args.resolution}px", args.vae]
     if args.max_train_samples is not None:
         parts.append(f"first{args.max_train_samples}")
+    if args.is_text_to_image:  # the captions and their text features are part of the cache
+        parts += [args.caption_column, args.text_encoder]
     name = "-".join(part.strip("/").replace("/", "--") for part in parts)
     return Path(hub_constants.HF_HOME) / "diffusers_repa" / "latents" / name
 
@@ -55,7 +60,9 @@ def _first_line(error: BaseException) -> str:
 
 def _is_local(name: str) -> bool:
     """A local folder or file, or a built-in source (the digits, the digits encoder) that needs no Hub."""
-    return name in (DIGITS_DATASET, DIGITS_ENCODER_NAME) or Path(name).expanduser().exists()
+    return name in (DIGITS_DATASET, DIGITS_CAPTIONS_DATASET, DIGITS_ENCODER_NAME, TINY_CLIP_NAME) or (
+        Path(name).expanduser().exists()
+    )
 
 
 def _hub_unreachable_reason() -> str | None:
@@ -123,6 +130,14 @@ def _read_sources(args: REPATrainingArguments, need_dataset: bool) -> _SourceRep
         stride = TOKEN_STRIDE if spec is not None else getattr(config, TOKEN_STRIDE_CONFIG_KEY, TOKEN_STRIDE)
         if isinstance(stride, int) and stride > 0:  # anything else is `load_encoder`'s error to report
             report.encoder_strides[name] = stride
+    if args.is_text_to_image and not _is_local(args.text_encoder):
+        try:  # a CLIP repo (its config at the root) or a pipeline's (text_encoder/)
+            try:
+                AutoConfig.from_pretrained(args.text_encoder)
+            except OSError:
+                AutoConfig.from_pretrained(args.text_encoder, subfolder="text_encoder")
+        except Exception as error:
+            report.problems.append((f"the text encoder '{args.text_encoder}'", _first_line(error)))
     if args.pretrained_model is not None:
         try:
             report.pretrained_config = SiTTransformer2DModel.load_config(
@@ -152,7 +167,7 @@ def _check_shapes(args: REPATrainingArguments, report: _SourceReport) -> None:
     latent_size = args.resolution // downsampling
     pretrained = report.pretrained_config
     if pretrained is None:
-        model, patch_size = f"--model {args.model}", parse_sit_preset(args.model)["patch_size"]
+        model, patch_size = f"--model {args.model}", parse_preset(args.model)["patch_size"]
     else:
         model, patch_size = f"--pretrained_model {args.pretrained_model}", pretrained["patch_size"]
         if (pretrained["sample_size"], pretrained["in_channels"]) != (latent_size, channels):
@@ -206,6 +221,7 @@ def check_sources_reachable(args: REPATrainingArguments, *, need_dataset: bool) 
     names = [] if is_pixel_space_vae(args.vae) else [args.vae]
     names += args.encoder_names if args.proj_coeff > 0 else []
     names += [args.dataset] if need_dataset else []
+    names += [args.text_encoder] if args.is_text_to_image else []
     names += [args.pretrained_model] if args.pretrained_model is not None else []
     offline = hub_constants.HF_HUB_OFFLINE
     unreachable = None if offline or all(_is_local(name) for name in names) else _hub_unreachable_reason()

@@ -25,6 +25,7 @@ NEUTRAL_SETTINGS = frozenset(
         "resume_with_changes", "push_to_hub", "hub_model_id", "hub_private_repo", "max_train_steps",
         "dataloader_num_workers", "cache_dir", "compile", "gradient_checkpointing", "allow_tf32", "eval_steps",
         "eval_metric", "eval_num_samples", "eval_num_reference", "eval_inference_steps", "eval_guidance_scale",
+        "validation_prompts",
     }
 )  # fmt: skip
 # Settings a resumed run may change on purpose (`--resume_with_changes`); every other one is fixed for the run.

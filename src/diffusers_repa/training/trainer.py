@@ -1,4 +1,5 @@
-"""REPATrainer: trains a SiT with REPA on a latent (or pixel) cache with accelerate — the loop around the step.
+"""REPATrainer: trains a SiT (or a DiT, or a text-to-image MMDiT) with REPA on a latent (or pixel) cache with
+accelerate — the loop around the step.
 
     for step in range(start, max_train_steps):
         training_step(micro_batches, step)     step.py: loss (objective) → backward → clip → finite? → AdamW → EMA
@@ -45,11 +46,14 @@ from safetensors.torch import save_file
 from torch.distributed.tensor import DTensor
 from tqdm.auto import tqdm
 
+from ..data.latent_cache import load_empty_text_features
 from ..encoders import check_token_grid, load_encoders
 from ..latents import latent_shift_and_scale
-from ..models.transformer_sit import preset_family
+from ..models.presets import preset_family
+from ..pipelines.pipeline_mmdit import MMDiTPipeline
 from ..pipelines.pipeline_sit import SiTPipeline
 from ..schedulers import SiTODEScheduler, SiTSDEScheduler
+from ..text_encoding import encode_text, load_text_encoder
 from .arguments import REPATrainingArguments
 from .checkpointing import (
     TRAINER_STATE_NAME,
@@ -63,8 +67,8 @@ from .ema import copy_ema_to, create_ema, ema_state_dict, load_ema_state_dict
 from .export import export_step, sample_grid, write_export
 from .hub import SampleGridInfo, push_export_to_hub, render_model_card
 from .model_setup import build_model, build_optimizer, diffusion_transformer, resolve_encoder_depth, token_count
-from .objectives import DDPMObjective, REPAFlowObjective
-from .periodic_eval import EVAL_PLOT_NAME, PeriodicEvaluation
+from .objectives import DDPMObjective, REPAFlowObjective, TextToImageObjective
+from .periodic_eval import EVAL_PLOT_NAME, PeriodicEvaluation, evaluation_captions
 from .run_lock import acquire_run_lock
 from .run_settings import check_resume_settings, result_settings
 from .step import TrainingStep
@@ -170,7 +174,16 @@ class REPATrainer:
             else []
         )
         self.vae = None if info.pixel_space else AutoencoderKL.from_pretrained(args.vae).to(device).eval()
-        model = build_model(args, info, projection_dims=tuple(encoder.embed_dim for encoder in self.encoders))
+        # Text-to-image: the frozen text encoder (for the export, prompts and caches without text features).
+        self.tokenizer = self.text_encoder = None
+        if args.is_text_to_image:
+            self.tokenizer, self.text_encoder = load_text_encoder(args.text_encoder, device=device)
+        model = build_model(
+            args,
+            info,
+            projection_dims=tuple(encoder.embed_dim for encoder in self.encoders),
+            text_dim=self.text_encoder.config.hidden_size if self.text_encoder is not None else None,
+        )
         if not args.interpolate_targets:
             for encoder in self.encoders:
                 check_token_grid(encoder, token_count(model))
@@ -199,12 +212,23 @@ class REPATrainer:
         shift, scale = latent_shift_and_scale(
             info.scaling_factor, info.shift_factor, info.latents_mean, info.latents_std
         )
-        # The objective of the model family: SiT's flow matching, or DiT's improved DDPM (same inputs and targets).
-        self.is_dit = preset_family(args.model) == "DiT"
-        objective_kwargs = (
-            {"path_type": args.path_type, "time_sampling": args.time_sampling} if not self.is_dit else {}
-        )
-        self.objective = (DDPMObjective if self.is_dit else REPAFlowObjective)(
+        # The objective of the model family: SiT's flow matching, DiT's improved DDPM (same inputs and targets), or
+        # the flow matching of a text-to-image MMDiT, conditioned on caption features with caption dropout.
+        self.family = preset_family(args.model)
+        self.is_dit = self.family == "DiT"
+        objective_class, objective_kwargs = REPAFlowObjective, {}
+        if not self.is_dit:
+            objective_kwargs = {"path_type": args.path_type, "time_sampling": args.time_sampling}
+        if self.is_dit:
+            objective_class = DDPMObjective
+        elif args.is_text_to_image:
+            objective_class = TextToImageObjective
+            objective_kwargs.update(
+                null_context=self._empty_caption_features().to(device),
+                caption_dropout=args.cfg_prob,
+                encode_text=None if info.text_encoder is not None else self._encode_captions,
+            )
+        self.objective = objective_class(
             self.encoders,
             proj_coeff=args.proj_coeff,
             latent_shift=shift.to(device),
@@ -224,9 +248,16 @@ class REPATrainer:
             max_grad_norm=args.max_grad_norm,
             max_nonfinite_steps=args.max_nonfinite_steps,
         )
-        # Fixed inputs of every validation grid: classes spread over the label range, noise from the seed.
+        # Fixed inputs of every validation grid: classes spread over the label range (text-to-image: --validation_prompts
+        # or a caption of an image of each of those classes), noise from the seed.
         num_images = args.num_validation_images
         self.validation_labels = [i * info.num_classes // num_images for i in range(num_images)]
+        self.validation_conditions = self.validation_labels
+        if args.is_text_to_image:
+            self.validation_conditions = args.validation_prompt_list or evaluation_captions(
+                self.cache_dir, np.array(self.validation_labels) if info.num_classes else None, num_images
+            )
+            num_images = len(self.validation_conditions)
         self.validation_noise = torch.randn(
             (num_images, info.latent_channels, info.latent_size, info.latent_size),
             generator=torch.Generator().manual_seed(args.seed),
@@ -324,6 +355,18 @@ class REPATrainer:
                 yield from self.train_dataloader
             epoch, skip = epoch + 1, 0
 
+    def _empty_caption_features(self) -> torch.Tensor:
+        """The empty caption's text features (1, L, D): the unconditional context of caption dropout (cached with
+        the text features, else encoded now)."""
+        if self.cache_info.text_encoder is not None:
+            return load_empty_text_features(self.cache_dir).float()
+        return self._encode_captions([""])
+
+    @torch.no_grad()
+    def _encode_captions(self, captions: list[str]) -> torch.Tensor:
+        """Text features (N, L, D) of captions, with the run's frozen text encoder (caches without features)."""
+        return encode_text(self.tokenizer, self.text_encoder, captions).float()
+
     @property
     def num_nonfinite_steps(self) -> int:
         return self.training_step.num_nonfinite_steps
@@ -359,9 +402,18 @@ class REPATrainer:
             name: f"{value:.4g}" for name, value in logs.items() if name in ("loss", "projection_loss", "grad_norm")
         }
 
-    def make_pipeline(self, scheduler: SchedulerMixin) -> SiTPipeline | DiTPipeline:
-        """The inference pipeline of the EMA weights: a `SiTPipeline` (with the VAE, none in pixel space) or, for a DiT,
-        diffusers' `DiTPipeline`, with the dataset's class names (call `sync_ema_model()` on every process first)."""
+    def make_pipeline(self, scheduler: SchedulerMixin) -> SiTPipeline | DiTPipeline | MMDiTPipeline:
+        """The inference pipeline of the EMA weights: a `SiTPipeline` (with the VAE, none in pixel space), for a DiT
+        diffusers' `DiTPipeline`, with the dataset's class names, or for text-to-image an `MMDiTPipeline` with the
+        tokenizer and text encoder (call `sync_ema_model()` on every process first)."""
+        if self.args.is_text_to_image:
+            return MMDiTPipeline(
+                transformer=self.ema_model,
+                vae=self.vae,
+                scheduler=scheduler,
+                tokenizer=self.tokenizer,
+                text_encoder=self.text_encoder,
+            )
         if self.is_dit:
             transformer = diffusion_transformer(self.ema_model)  # the REPA head is a training-only part
             return DiTPipeline(transformer, self.vae, scheduler, id2label=self.cache_info.id2label)
@@ -369,13 +421,13 @@ class REPATrainer:
             transformer=self.ema_model, vae=self.vae, scheduler=scheduler, id2label=self.cache_info.id2label
         )
 
-    def sample_grid(self, pipeline: SiTPipeline | DiTPipeline | None = None) -> PIL.Image.Image:
-        """Images of the EMA weights for the fixed validation labels and noise, as one grid."""
+    def sample_grid(self, pipeline: SiTPipeline | DiTPipeline | MMDiTPipeline | None = None) -> PIL.Image.Image:
+        """Images of the EMA weights for the fixed validation labels (or prompts) and noise, as one grid."""
         args = self.args
         pipeline = pipeline or self.make_pipeline(self._sampling_scheduler())
         return sample_grid(
             pipeline,
-            self.validation_labels,
+            self.validation_conditions,
             self.validation_noise,
             args.validation_inference_steps,
             args.validation_guidance_scale,
@@ -568,7 +620,7 @@ class REPATrainer:
             pipeline = self.make_pipeline(self._sampling_scheduler(export=True))
             grid = self.sample_grid(pipeline)
             grid_info = SampleGridInfo(
-                "samples.png", self.validation_labels, "dpm-solver++" if self.is_dit else "sde",
+                "samples.png", self.validation_conditions, "dpm-solver++" if self.is_dit else "sde",
                 args.validation_inference_steps,
                 args.validation_guidance_scale,
             )  # fmt: skip

@@ -1,0 +1,47 @@
+"""Model presets by name, for the trainer and the scripts: the family a name asks for and its sizes.
+
+- ``SiT-{S,B,L,XL}/{2,4,8}``: the original SiT family (flow matching), `SiTTransformer2DModel`.
+- ``DiT-{S,B,L,XL}/{2,4,8}``: the same sizes as diffusers' `DiTTransformer2DModel` (improved DDPM).
+- ``MMDiT-<depth>/<patch>``: REPA's text-to-image `MMDiTTransformer2DModel` with the original's sizing (width
+  32·depth, depth heads); ``MMDiT-24/2`` is the original's model, aligned after block 8.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+from .transformer_mmdit import MMDIT_HEAD_DIM
+from .transformer_sit import DIT_PRESETS, SIT_PRESETS, parse_sit_preset
+
+ModelFamily = Literal["SiT", "DiT", "MMDiT"]
+
+MMDIT_ENCODER_DEPTH = 8  # the original aligns after block 8 (of 24)
+_MMDIT_PATTERN = re.compile(r"^mmdit-(\d+)/(\d+)$", re.IGNORECASE)
+
+
+def preset_family(name: str) -> ModelFamily:
+    """``"SiT"``, ``"DiT"`` or ``"MMDiT"``: the model family a preset name (``"DiT-XL/2"``) asks for."""
+    prefix = name.strip().lower().split("-", 1)[0]
+    return {"dit": "DiT", "mmdit": "MMDiT"}.get(prefix, "SiT")
+
+
+def parse_preset(name: str) -> dict[str, int]:
+    """Config values of a preset name (case-insensitive): ``depth``, ``hidden_size``, ``num_attention_heads``,
+    ``patch_size`` and ``encoder_depth`` (the aligned block, 1-based)."""
+    if preset_family(name) != "MMDiT":
+        return parse_sit_preset(name)
+    match = _MMDIT_PATTERN.match(name.strip())
+    if match is None or int(match.group(1)) < 1 or int(match.group(2)) < 1:
+        raise ValueError(
+            f"Unknown MMDiT preset {name!r}: name it MMDiT-<depth>/<patch size>, e.g. MMDiT-24/2 (the original's). "
+            f"Other presets: {', '.join(SIT_PRESETS + DIT_PRESETS)}."
+        )
+    depth, patch_size = int(match.group(1)), int(match.group(2))
+    return {
+        "depth": depth,
+        "hidden_size": MMDIT_HEAD_DIM * depth,
+        "num_attention_heads": depth,
+        "patch_size": patch_size,
+        "encoder_depth": min(MMDIT_ENCODER_DEPTH, depth),
+    }
