@@ -7,10 +7,11 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextModel, CLIPTokenizer
 
 import diffusers_repa
 from diffusers_repa.conversion_mmdit import convert_mmdit_checkpoint
+from diffusers_repa.models.tiny_text_encoder import save_letter_tokenizer, tiny_clip_text_encoder
 from diffusers_repa.models.tiny_vae import tiny_random_vae
 from diffusers_repa.models.transformer_mmdit import MMDiTTransformer2DModel
 from diffusers_repa.pipelines import MMDiTPipeline
@@ -50,29 +51,9 @@ def reference_transformer() -> MMDiTTransformer2DModel:
 
 @pytest.fixture(scope="module")
 def clip(tmp_path_factory) -> tuple[CLIPTokenizer, CLIPTextModel]:
-    """A CLIP tokenizer on a vocabulary of single letters (no merges) and a random 2-layer CLIP text model whose
-    width is the tiny transformer's joint_attention_dim, with CLIP's 77 positions."""
-    folder = tmp_path_factory.mktemp("clip")
-    letters = [chr(code) for code in range(ord("a"), ord("z") + 1)]
-    tokens = ["<|startoftext|>", "<|endoftext|>", *letters, *(letter + "</w>" for letter in letters)]
-    (folder / "vocab.json").write_text(json.dumps({token: index for index, token in enumerate(tokens)}))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
-    tokenizer = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77)
-    config = CLIPTextConfig(
-        vocab_size=len(tokens),
-        hidden_size=TEXT_DIM,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        max_position_embeddings=77,
-        bos_token_id=0,
-        eos_token_id=1,
-        pad_token_id=1,
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        text_encoder = CLIPTextModel(config).eval()
-    return tokenizer, text_encoder
+    """The library's letter tokenizer and a random 2-layer CLIP text model whose width is the tiny transformer's
+    joint_attention_dim, with CLIP's 77 positions."""
+    return save_letter_tokenizer(tmp_path_factory.mktemp("clip")), tiny_clip_text_encoder(TEXT_DIM)
 
 
 def tiny_transformer(in_channels: int = 4) -> MMDiTTransformer2DModel:

@@ -9,6 +9,14 @@ Several GPUs (each process encodes its own shards; rerun the same command to res
 Sources: "imagenet-1k" (gated Hub dataset ILSVRC/imagenet-1k: accept its terms on the dataset page and run
 `hf auth login`), any Hub image-classification dataset, or a local folder with one sub-folder per class.
 
+Text-to-image data: name the caption column (a string or a list of captions per image); with --text_encoder the
+CLIP features of every caption (and of the empty caption) are stored too, so training needs no text encoder pass:
+    python training/prepare_dataset.py --dataset digits-captions --caption_column caption --text_encoder tiny-clip \
+        --vae none --resolution 8 --output_dir data/digits-captions8
+    python training/prepare_dataset.py --dataset <hub COCO 2014 copy> --caption_column <its caption list column> \
+        --text_encoder openai/clip-vit-large-patch14 --resolution 256 --output_dir data/coco256
+A local folder of images with a metadata.jsonl / metadata.csv (file_name + caption column) works the same way.
+
 A mistake (a missing folder, an unreadable source, a bad value) ends with one `prepare_dataset.py: error: ...` line
 (exit status 2); add `--debug` for the traceback.
 """
@@ -36,7 +44,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dataset", required=True, help="'imagenet-1k', a Hub dataset id, or a local image folder.")
     parser.add_argument("--split", default="train")
     parser.add_argument("--image_column", default="image")
-    parser.add_argument("--label_column", default="label")
+    parser.add_argument(
+        "--label_column",
+        default="label",
+        help="Class label column; with --caption_column optional (a source without a 'label' column has no labels).",
+    )
+    parser.add_argument(
+        "--caption_column", default=None, help="Caption column (a string or a list of strings per image)."
+    )
+    parser.add_argument(
+        "--text_encoder",
+        default=None,
+        help="With --caption_column: store the captions' CLIP features, e.g. openai/clip-vit-large-patch14 "
+        "(the original's) or tiny-clip (built-in, offline).",
+    )
     parser.add_argument("--streaming", action="store_true", help="Read the source lazily instead of downloading it.")
     parser.add_argument("--resolution", type=int, default=256, help="Image side in pixels (256 and 512 as REPA).")
     parser.add_argument(
@@ -56,6 +77,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.push_to_hub and not args.hub_dataset_id:
         parser.error("--push_to_hub needs --hub_dataset_id user/name.")
+    if args.text_encoder is not None and args.caption_column is None:
+        parser.error("--text_encoder encodes captions: pass --caption_column too.")
     return args
 
 
@@ -72,6 +95,8 @@ def main(argv: list[str] | None = None) -> None:
         split=args.split,
         image_column=args.image_column,
         label_column=args.label_column,
+        caption_column=args.caption_column,
+        text_encoder=args.text_encoder,
         streaming=args.streaming,
         max_samples=args.max_samples,
         num_workers=args.num_workers,
@@ -91,6 +116,10 @@ def main(argv: list[str] | None = None) -> None:
         "vae": info.vae,
         "scaling_factor": info.scaling_factor,
     }
+    if info.has_captions:
+        summary.update(caption_column=info.caption_column, num_captions=info.num_captions)
+    if info.has_text_features:
+        summary.update(text_encoder=info.text_encoder, text_features_shape=info.text_features_shape)
     if info.num_skipped:
         summary["skipped_report"] = str(cache_dir / SKIPPED_REPORT_FILE)
     if args.push_to_hub:

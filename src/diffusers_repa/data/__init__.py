@@ -1,20 +1,35 @@
-"""ImageNet data for REPA: ADM preprocessing, image sources, the VAE latent cache and the training loader.
+"""Training data for REPA: ADM preprocessing, image sources (class-labelled or captioned), the VAE latent cache and
+the training loader.
 
 Flow: ``load_image_source`` -> ``build_latent_cache`` (ADM crop, VAE posterior mean/std or, in pixel space, the
-crop only; sharded Arrow files) -> ``load_latent_cache`` -> ``make_train_dataloader`` (uint8 crop, latent moments,
-label per sample). ``"digits"`` (scikit-learn's 8×8 digits) is a built-in real source for small offline runs.
+crop only; every caption and, with a text encoder, their CLIP features; sharded Arrow files) -> ``load_latent_cache``
+-> ``make_train_dataloader`` (uint8 crop, latent moments, label; or one drawn caption and its features per sample).
+``"digits"`` (scikit-learn's 8×8 digits) and ``"digits-captions"`` (the same with captions) are built-in real
+sources for small offline runs.
 """
 
-from .digits import DIGITS_CLASS_NAMES, DIGITS_DATASET, digits_dataset, load_digits_arrays, split_digits
+from .digits import (
+    DIGITS_CAPTIONS_DATASET,
+    DIGITS_CLASS_NAMES,
+    DIGITS_DATASET,
+    digit_captions,
+    digits_captions_dataset,
+    digits_dataset,
+    load_digits_arrays,
+    split_digits,
+)
 from .latent_cache import (
     CACHE_INFO_FILE,
     DEFAULT_VAE,
+    EMPTY_TEXT_FEATURES_FILE,
     SKIPPED_REPORT_FILE,
     LatentCacheInfo,
     build_latent_cache,
+    cache_text_encoder_matches,
     cache_vae_matches,
     check_cache_source,
     is_pixel_space_vae,
+    load_empty_text_features,
     load_latent_cache,
     push_latent_cache_to_hub,
     read_cache_info,
@@ -27,8 +42,10 @@ from .synthetic import synthetic_class_dataset
 __all__ = [
     "CACHE_INFO_FILE",
     "DEFAULT_VAE",
+    "DIGITS_CAPTIONS_DATASET",
     "DIGITS_CLASS_NAMES",
     "DIGITS_DATASET",
+    "EMPTY_TEXT_FEATURES_FILE",
     "IMAGENET_1K_REPO_ID",
     "SKIPPED_REPORT_FILE",
     "EpochBatchSampler",
@@ -36,14 +53,18 @@ __all__ = [
     "LatentCacheInfo",
     "SeededEpochSampler",
     "build_latent_cache",
+    "cache_text_encoder_matches",
     "cache_vae_matches",
     "center_crop_imagenet",
     "check_cache_source",
     "decode_image",
     "describe_source",
+    "digit_captions",
+    "digits_captions_dataset",
     "digits_dataset",
     "is_pixel_space_vae",
     "load_digits_arrays",
+    "load_empty_text_features",
     "load_image_source",
     "load_latent_cache",
     "make_train_dataloader",

@@ -5,6 +5,10 @@ scikit-learn wheel. Pixels there are ink counts 0..16 (bright ink on a black bac
 uint8 0..255 as ``round(value * 255 / 16)``. There is one split, ``"train"``, with all 1,797 images: what a model
 trains on and what Fréchet distances compare against. An evaluation classifier that needs held-out data splits
 :func:`load_digits_arrays` itself.
+
+``"digits-captions"`` is the same images and labels with a ``caption`` column: a few fixed sentences per image made
+from its digit (:func:`digit_captions`), the offline text-to-image data. The labels stay, so an evaluation can
+check which digit a caption made the model draw.
 """
 
 from __future__ import annotations
@@ -16,8 +20,12 @@ import numpy as np
 import PIL.Image
 
 __all__ = [
+    "DIGITS_CAPTIONS_DATASET",
     "DIGITS_CLASS_NAMES",
     "DIGITS_DATASET",
+    "digit_captions",
+    "digits_captions_dataset",
+    "digits_captions_fingerprint",
     "digits_dataset",
     "digits_fingerprint",
     "load_digits_arrays",
@@ -30,7 +38,14 @@ DIGITS_DATASET = "digits"
 DIGITS_CLASS_NAMES = [str(digit) for digit in range(10)]
 """Class ``i`` is the digit ``i``; these names become the pipeline's ``id2label``."""
 
+DIGITS_CAPTIONS_DATASET = "digits-captions"
+"""The digits with a ``caption`` column (see :func:`digits_captions_dataset`)."""
+
 _SPLITS = ("train",)
+
+_NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+# Number words, not numerals: the built-in tiny-clip tokenizer knows only letters, so "3" and "4" would encode alike.
+_CAPTION_TEMPLATES = ("a handwritten digit {word}", "the number {word}", "a drawing of {article} {word}")
 
 
 def load_digits_arrays() -> tuple[np.ndarray, np.ndarray]:
@@ -66,6 +81,21 @@ def digits_dataset(split: str = "train") -> datasets.Dataset:
     return datasets.Dataset.from_dict(rows, features=features)
 
 
+def digit_captions(digit: int) -> list[str]:
+    """The captions of an image of ``digit`` (0..9), one per template, e.g. for 8: ``["a handwritten digit eight",
+    "the number eight", "a drawing of an eight"]``."""
+    word = _NUMBER_WORDS[digit]
+    article = "an" if word[0] in "aeiou" else "a"
+    return [template.format(word=word, article=article) for template in _CAPTION_TEMPLATES]
+
+
+def digits_captions_dataset(split: str = "train") -> datasets.Dataset:
+    """:func:`digits_dataset` with a ``caption`` column: the list :func:`digit_captions` of each image's label."""
+    dataset = digits_dataset(split)
+    captions = [digit_captions(label) for label in dataset["label"]]
+    return dataset.add_column("caption", captions, feature=datasets.List(datasets.Value("string")))
+
+
 def digits_fingerprint() -> str:
     """Identifies the digits data: the scikit-learn version and a SHA-256 of the uint8 images and labels."""
     import sklearn
@@ -73,6 +103,13 @@ def digits_fingerprint() -> str:
     images, labels = load_digits_arrays()
     digest = hashlib.sha256(images.tobytes() + labels.tobytes()).hexdigest()
     return f"sklearn-{sklearn.__version__}-{digest}"
+
+
+def digits_captions_fingerprint() -> str:
+    """:func:`digits_fingerprint` and a SHA-256 of the caption templates and number words (a new wording is new
+    data)."""
+    wording = hashlib.sha256("\n".join([*_CAPTION_TEMPLATES, *_NUMBER_WORDS]).encode()).hexdigest()
+    return f"{digits_fingerprint()}-captions-{wording[:16]}"
 
 
 def split_digits(labels: np.ndarray, held_out_fraction: float = 0.2, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

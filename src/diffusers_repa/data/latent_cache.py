@@ -7,13 +7,19 @@ Layout of a cache directory::
                              index is the source row (when streaming: the row within the process's stream), path
                              relative to a local source folder (only the file name for other local files)
     README.md                dataset card, so the folder can be pushed to the Hub as a dataset
-    data/<split>-*.arrow     shards; columns image uint8 (3,R,R), latent_mean / latent_std float32 (C,h,w), label
+    data/<split>-*.arrow     shards; columns image uint8 (3,R,R), latent_mean / latent_std float32 (C,h,w), label;
+                             captioned data: caption (list of strings), label only if the source has labels, and
+                             with a text encoder text_features float16 (num captions, L, D)
+    empty_text_features.safetensors   captioned data with a text encoder: the empty caption's features (1, L, D)
     .build/                  resume bookkeeping (build settings, one record per finished shard); not published
 
 A pixel-space cache (``vae=None`` or ``"none"``) stores only ``image`` and ``label``: no VAE is loaded and the
-model trains on the pixels themselves (see :attr:`LatentCacheInfo.pixel_space`). Nothing that is published
-(``cache_info.json``, the card, the skip report) holds an absolute path of the machine: a local VAE or source
-folder is recorded by its folder name, plus a content hash (VAE) or fingerprint (source).
+model trains on the pixels themselves (see :attr:`LatentCacheInfo.pixel_space`). A caption cache
+(``caption_column``) keeps every caption of an image, in order; with ``text_encoder`` it also stores the CLIP token
+features of each (:func:`~diffusers_repa.text_encoding.encode_text`, float16) and of the empty caption, the
+unconditional context (:func:`load_empty_text_features`). Nothing that is published (``cache_info.json``, the card,
+the skip report) holds an absolute path of the machine: a local VAE, text encoder or source folder is recorded by
+its folder name, plus a content hash (VAE, text encoder) or fingerprint (source).
 
 A cache never mixes sources: the build settings record a fingerprint of the source (see
 :func:`~diffusers_repa.data.describe_source`) and resuming against a changed source is refused;
@@ -48,21 +54,28 @@ from datasets.arrow_writer import ArrowWriter
 from datasets.distributed import split_dataset_by_node
 from diffusers import AutoencoderKL
 from huggingface_hub import DatasetCard, DatasetCardData, create_repo, snapshot_download, upload_folder
+from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
+from transformers import CLIPTextModel, CLIPTokenizer
 
-from ..atomic_files import write_text_atomically
+from ..atomic_files import write_file_atomically, write_text_atomically
+from ..models.tiny_text_encoder import save_tiny_clip, tiny_clip_path
+from ..text_encoding import TINY_CLIP_NAME, encode_text, load_text_encoder
 from .preprocessing import center_crop_imagenet, decode_image
 from .sources import describe_source, load_image_source
 
 __all__ = [
     "CACHE_INFO_FILE",
     "DEFAULT_VAE",
+    "EMPTY_TEXT_FEATURES_FILE",
     "SKIPPED_REPORT_FILE",
     "LatentCacheInfo",
     "build_latent_cache",
+    "cache_text_encoder_matches",
     "cache_vae_matches",
     "check_cache_source",
     "is_pixel_space_vae",
+    "load_empty_text_features",
     "load_latent_cache",
     "push_latent_cache_to_hub",
     "read_cache_info",
@@ -73,10 +86,13 @@ logger = logging.getLogger(__name__)
 DEFAULT_VAE = "stabilityai/sd-vae-ft-mse"
 CACHE_INFO_FILE = "cache_info.json"
 SKIPPED_REPORT_FILE = "skipped_images.json"
+EMPTY_TEXT_FEATURES_FILE = "empty_text_features.safetensors"
+_TEXT_FEATURES_KEY = "text_features"
 DATA_DIR = "data"
 _BUILD_DIR = ".build"
 _SETTINGS_FILE = "settings.json"
 # 2: portable VAE / source names with a VAE hash and a source fingerprint, per-shard row counts, pixel space.
+# Captions and text features are new optional fields and columns: class caches are unchanged, so still 2.
 _FORMAT_VERSION = 2
 _NO_VAE = "none"
 _AUTOCAST_DTYPES = {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -95,6 +111,11 @@ class LatentCacheInfo:
     SHA-256 of its ``config.json`` and weight files, so :func:`cache_vae_matches` recognises the same weights in
     another place. ``source`` is :func:`~diffusers_repa.data.describe_source`'s record. ``shard_num_samples``
     holds the rows of each shard (in the order of ``shards``), to detect truncated files.
+
+    A caption cache records its source ``caption_column`` and ``num_captions`` (all captions of all images); without
+    labels ``num_classes`` is 0. With text features, ``text_encoder`` / ``text_encoder_hash`` are recorded like
+    ``vae`` / ``vae_hash`` (``"tiny-clip"`` by name, with the hash of its weights) and ``text_features_shape`` is
+    ``[L, D]`` (77 × 768 for CLIP ViT-L/14).
     """
 
     vae: str | None
@@ -113,12 +134,27 @@ class LatentCacheInfo:
     source: dict[str, Any] = field(default_factory=dict)
     shards: list[str] = field(default_factory=list)
     shard_num_samples: list[int] | None = None
+    caption_column: str | None = None
+    num_captions: int | None = None
+    text_encoder: str | None = None
+    text_encoder_hash: str | None = None
+    text_features_shape: list[int] | None = None
     format_version: int = _FORMAT_VERSION
 
     @property
     def pixel_space(self) -> bool:
         """Whether the cache holds pixels only (no VAE moments): the model trains on ``image / 127.5 - 1``."""
         return self.vae is None
+
+    @property
+    def has_captions(self) -> bool:
+        """Whether the cache holds captions (text-to-image data)."""
+        return self.caption_column is not None
+
+    @property
+    def has_text_features(self) -> bool:
+        """Whether the cache holds the captions' text features and the empty caption's."""
+        return self.text_encoder is not None
 
     def to_json(self) -> str:
         payload = asdict(self)
@@ -231,6 +267,37 @@ def load_latent_cache(path: str | os.PathLike, **hub_kwargs) -> datasets.Dataset
     return dataset.with_format("torch")
 
 
+def load_empty_text_features(path: str | os.PathLike, **hub_kwargs) -> torch.Tensor:
+    """The empty caption's text features (1, L, D) float32 of a caption cache with text features: the unconditional
+    context of caption dropout and guidance, encoded like every caption (and rounded to float16 like them).
+
+    Raises:
+        ValueError: the cache holds no text features (built without ``text_encoder``) or the file is unreadable.
+        FileNotFoundError: the file is missing (the message says how to repair the cache).
+    """
+    cache_dir = _resolve_cache_dir(path, allow_patterns=[CACHE_INFO_FILE, EMPTY_TEXT_FEATURES_FILE], **hub_kwargs)
+    info = read_cache_info(cache_dir)
+    if not info.has_text_features:
+        raise ValueError(
+            f"The latent cache {cache_dir} holds no text features (it was built without a text encoder); rebuild it "
+            "with text_encoder= / --text_encoder, or encode the empty caption with diffusers_repa.text_encoding."
+        )
+    features_file = cache_dir / EMPTY_TEXT_FEATURES_FILE
+    if not features_file.is_file():
+        raise FileNotFoundError(
+            f"{features_file}, which {cache_dir / CACHE_INFO_FILE} implies, is missing; to repair the cache, "
+            f"{_repair_hint(cache_dir, cache_dir / CACHE_INFO_FILE)}."
+        )
+    try:
+        features = load_file(str(features_file))[_TEXT_FEATURES_KEY]
+    except Exception as error:  # safetensors raises its own error type on damaged files
+        raise ValueError(
+            f"{features_file} is unreadable ({type(error).__name__}: {error}); to repair it, "
+            f"{_repair_hint(cache_dir, features_file)}."
+        ) from error
+    return features.float()
+
+
 def push_latent_cache_to_hub(
     cache_dir: str | os.PathLike,
     repo_id: str,
@@ -247,7 +314,13 @@ def push_latent_cache_to_hub(
         repo_id=repo_id,
         repo_type="dataset",
         folder_path=str(cache_dir),
-        allow_patterns=[CACHE_INFO_FILE, SKIPPED_REPORT_FILE, "README.md", f"{DATA_DIR}/*.arrow"],
+        allow_patterns=[
+            CACHE_INFO_FILE,
+            SKIPPED_REPORT_FILE,
+            EMPTY_TEXT_FEATURES_FILE,
+            "README.md",
+            f"{DATA_DIR}/*.arrow",
+        ],
         commit_message=commit_message or f"Latent cache: {info.num_samples} samples at {info.resolution}px",
         token=token,
     )
@@ -263,8 +336,8 @@ def is_pixel_space_vae(vae: AutoencoderKL | str | os.PathLike | None) -> bool:
     return vae is None or (isinstance(vae, str) and vae.strip().lower() == _NO_VAE)
 
 
-def _vae_folder_hash(folder: Path) -> str:
-    """SHA-256 over the names and bytes of a VAE folder's ``config.json`` and weight files (``*.safetensors``,
+def _model_folder_hash(folder: Path) -> str:
+    """SHA-256 over the names and bytes of a model folder's ``config.json`` and weight files (``*.safetensors``,
     ``*.bin``), so the same weights are recognised wherever the folder lives."""
     files = sorted(
         path for path in folder.iterdir() if path.name == "config.json" or path.suffix in (".safetensors", ".bin")
@@ -284,7 +357,7 @@ def _vae_record(name_or_path: str | os.PathLike | None) -> tuple[str, str | None
         return "in-memory AutoencoderKL", None
     path = Path(name_or_path).expanduser()
     if path.is_dir():
-        return path.resolve().name, _vae_folder_hash(path)
+        return path.resolve().name, _model_folder_hash(path)
     # The folder an AutoencoderKL object was loaded from may be gone; its absolute path must not be published.
     return (path.name, None) if path.is_absolute() else (str(name_or_path), None)
 
@@ -309,9 +382,35 @@ def cache_vae_matches(info: LatentCacheInfo, vae_name_or_path: str | os.PathLike
     path = Path(vae_name_or_path).expanduser()
     if path.is_dir():
         if info.vae_hash is not None:
-            return _vae_folder_hash(path) == info.vae_hash
+            return _model_folder_hash(path) == info.vae_hash
         return Path(info.vae).expanduser().resolve() == path.resolve()
     return info.vae_hash is None and info.vae == str(vae_name_or_path)
+
+
+def _text_encoder_record(name_or_path: str | os.PathLike) -> tuple[str, str | None]:
+    """What cache_info.json records of a text encoder (as of a VAE): a Hub id as given (no hash); ``"tiny-clip"`` or
+    a local folder as (that name or the folder's name, hash of the text model's folder). Builds tiny-clip if needed.
+    """
+    if str(name_or_path) == TINY_CLIP_NAME:
+        name, folder = TINY_CLIP_NAME, save_tiny_clip(tiny_clip_path())
+    else:
+        folder = Path(name_or_path).expanduser()
+        if not folder.is_dir():
+            return str(name_or_path), None
+        name = folder.resolve().name
+    model_folder = folder / "text_encoder"
+    return name, _model_folder_hash(model_folder if (model_folder / "config.json").is_file() else folder)
+
+
+def cache_text_encoder_matches(info: LatentCacheInfo, text_encoder: str | os.PathLike) -> bool:
+    """Whether the cache's text features were computed by ``text_encoder`` (e.g. ``--text_encoder`` of a run).
+
+    ``"tiny-clip"`` and local folders match by the content hash of the text model's config and weights, a Hub id by
+    the same id. A cache without text features matches nothing.
+    """
+    if not info.has_text_features:
+        return False
+    return (info.text_encoder, info.text_encoder_hash) == _text_encoder_record(text_encoder)
 
 
 def _vae_normalisation(vae: AutoencoderKL | None) -> dict[str, Any]:
@@ -328,16 +427,43 @@ def _vae_normalisation(vae: AutoencoderKL | None) -> dict[str, Any]:
 
 
 def _cache_features(
-    resolution: int, latent_channels: int | None, latent_size: int, label_feature: Any | None
+    resolution: int,
+    latent_channels: int | None,
+    latent_size: int,
+    label_feature: Any | None,
+    *,
+    has_labels: bool = True,
+    has_captions: bool = False,
+    text_features_shape: tuple[int, int] | None = None,
 ) -> datasets.Features:
-    """Columns of a shard; without ``latent_channels`` (pixel space) only ``image`` and ``label``."""
-    label = label_feature if isinstance(label_feature, datasets.ClassLabel) else datasets.Value("int64")
+    """Columns of a shard: ``image``, the latent moments unless ``latent_channels`` is None (pixel space), ``label``
+    (``has_labels``), ``caption`` (``has_captions``) and ``text_features`` (with a ``(L, D)`` shape)."""
     features = {"image": datasets.Array3D((3, resolution, resolution), "uint8")}
     if latent_channels is not None:
         latent_shape = (latent_channels, latent_size, latent_size)
         features["latent_mean"] = datasets.Array3D(latent_shape, "float32")
         features["latent_std"] = datasets.Array3D(latent_shape, "float32")
-    return datasets.Features({**features, "label": label})
+    if has_labels:
+        features["label"] = (
+            label_feature if isinstance(label_feature, datasets.ClassLabel) else datasets.Value("int64")
+        )
+    if has_captions:
+        features["caption"] = datasets.List(datasets.Value("string"))
+    if text_features_shape is not None:
+        # One (L, D) block per caption of the row: the first dimension varies from row to row.
+        features["text_features"] = datasets.Array3D((None, *text_features_shape), "float16")
+    return datasets.Features(features)
+
+
+def _caption_list(value: Any, index: int) -> list[str]:
+    """The captions of source row ``index``: a string, or a non-empty list of strings (kept in order)."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, (list, tuple)) and value and all(isinstance(caption, str) for caption in value):
+        return list(value)
+    raise ValueError(
+        f"Row {index} has caption {value!r}: the caption column must hold a string or a non-empty list of strings."
+    )
 
 
 def _crop_or_error(value: Any, resolution: int) -> tuple[np.ndarray | None, str | None]:
@@ -377,12 +503,13 @@ class _ShardJob:
 
 
 class _ShardEncoder:
-    """Decodes, crops and VAE-encodes (unless ``vae`` is None: pixel space) one shard at a time, writing it
-    atomically."""
+    """Decodes, crops and VAE-encodes (unless ``vae`` is None: pixel space) one shard at a time, encoding the
+    captions too when ``text`` (tokenizer, text encoder) is given, and writes it atomically."""
 
     def __init__(
         self,
         vae: AutoencoderKL | None,
+        text: tuple[CLIPTokenizer, CLIPTextModel] | None,
         features: datasets.Features,
         output_dir: Path,
         resolution: int,
@@ -394,6 +521,7 @@ class _ShardEncoder:
         source_root: Path | None,
     ):
         self.vae = vae
+        self.text = text
         self.features = features
         self.output_dir = output_dir
         self.resolution = resolution
@@ -428,15 +556,25 @@ class _ShardEncoder:
             posterior = self.vae.encode(pixels).latent_dist
         return posterior.mean.float().cpu().numpy(), posterior.std.float().cpu().numpy()
 
+    def encode_texts(self, texts: list[str]) -> np.ndarray:
+        """Text features (len(texts), L, D) float16, ``batch_size`` texts per forward pass."""
+        tokenizer, text_encoder = self.text
+        parts = []
+        for start in range(0, len(texts), self.batch_size):
+            with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+                features = encode_text(tokenizer, text_encoder, texts[start : start + self.batch_size])
+            parts.append(features.to(torch.float16).cpu().numpy())
+        return np.concatenate(parts)
+
     def encode_shard(self, job: _ShardJob) -> None:
         shard_file = self.output_dir / DATA_DIR / f"{job.name}.arrow"
         temp_file = shard_file.with_name(f".{shard_file.name}.{os.getpid()}.tmp")
-        images, labels = job.rows["image"], job.rows["label"]
-        skipped, num_samples, max_label, position = [], 0, -1, 0
+        images, labels, captions = job.rows["image"], job.rows.get("label"), job.rows.get("caption")
+        skipped, num_samples, num_captions, max_label, position = [], 0, 0, -1, 0
         writer = ArrowWriter(features=self.features, path=str(temp_file))
         try:
             for results in self._crops(images):
-                kept_crops, kept_labels = [], []
+                kept_crops, kept_labels, kept_captions = [], [], []
                 for crop, error in results:
                     index = job.first_index + position
                     if crop is None:
@@ -445,29 +583,41 @@ class _ShardEncoder:
                         path = _portable_path(path, self.source_root)
                         skipped.append({"shard": job.name, "index": index, "path": path, "error": error})
                     else:
-                        label = labels[position]
-                        if label is None or int(label) < 0:
-                            raise ValueError(
-                                f"Row {index} has label {label!r}: this split carries no class labels "
-                                "(e.g. the ImageNet test split); use a labelled split."
-                            )
+                        if labels is not None:
+                            label = labels[position]
+                            if label is None or int(label) < 0:
+                                raise ValueError(
+                                    f"Row {index} has label {label!r}: this split carries no class labels "
+                                    "(e.g. the ImageNet test split); use a labelled split."
+                                )
+                            kept_labels.append(int(label))
+                        if captions is not None:
+                            kept_captions.append(_caption_list(captions[position], index))
                         kept_crops.append(crop)
-                        kept_labels.append(int(label))
                     position += 1
                     self.progress.update(1)
                 if kept_crops:
                     crops = np.stack(kept_crops)
-                    batch = {"image": crops, "label": kept_labels}
+                    batch = {"image": crops}
                     if self.vae is not None:
                         batch["latent_mean"], batch["latent_std"] = self._encode(crops)
+                    if labels is not None:
+                        batch["label"] = kept_labels
+                        max_label = max(max_label, *kept_labels)
+                    if captions is not None:
+                        batch["caption"] = kept_captions
+                        counts = [len(row) for row in kept_captions]
+                        num_captions += sum(counts)
+                        if self.text is not None:
+                            features = self.encode_texts([caption for row in kept_captions for caption in row])
+                            batch["text_features"] = np.split(features, np.cumsum(counts)[:-1])
                     writer.write_batch(batch)
                     num_samples += len(kept_crops)
-                    max_label = max(max_label, *kept_labels)
             writer.finalize()
         finally:
             writer.close()
         record = {"name": job.name, "file": f"{DATA_DIR}/{shard_file.name}", "num_samples": num_samples}
-        record.update(max_label=max_label, skipped=skipped)
+        record.update(max_label=max_label, num_captions=num_captions, skipped=skipped)
         # The record goes first: an existing .arrow file is what marks the shard finished.
         write_text_atomically(self.output_dir / _BUILD_DIR / f"{job.name}.json", json.dumps(record) + "\n")
         os.replace(temp_file, shard_file)
@@ -625,15 +775,18 @@ def check_cache_source(
     source: str | os.PathLike | datasets.Dataset | datasets.IterableDataset | datasets.DatasetDict,
     split: str = "train",
     image_column: str = "image",
-    label_column: str = "label",
+    label_column: str | None = "label",
     max_samples: int | None = None,
+    *,
+    caption_column: str | None = None,
 ) -> None:
     """Checks that a finished cache was built from ``source`` before it is reused; cheap, nothing is loaded.
 
     A local folder is compared by its fingerprint (file names, sizes, modification times: a scan of the folder),
-    ``"digits"`` and in-memory datasets by theirs, a Hub dataset by its repository id only (checking its revision
-    would mean loading it); split, columns and ``max_samples`` always. Caches written before sources were
-    fingerprinted (``format_version`` 1) are not checked (a warning says so).
+    ``"digits"`` (``"digits-captions"``) and in-memory datasets by theirs, a Hub dataset by its repository id only
+    (checking its revision would mean loading it); split, columns (the caption column included) and ``max_samples``
+    always. Caches written before sources were fingerprinted (``format_version`` 1) are not checked (a warning says
+    so).
 
     Raises:
         ValueError: the cache was built from another source; one line naming the folder, what changed and the fix.
@@ -643,7 +796,7 @@ def check_cache_source(
     if info.format_version < 2:
         logger.warning("The latent cache %s predates source fingerprints; its source cannot be checked.", cache_dir)
         return
-    current = describe_source(source, split, image_column, label_column, max_samples)
+    current = describe_source(source, split, image_column, label_column, max_samples, caption_column=caption_column)
     change = _source_changes(info.source, current)
     if change is not None:
         raise ValueError(
@@ -657,15 +810,23 @@ def _write_dataset_card(output_dir: Path, info: LatentCacheInfo) -> None:
         configs=[{"config_name": "default", "data_files": [{"split": "train", "path": f"{DATA_DIR}/*.arrow"}]}],
         tags=["repa", "latent-cache", "diffusers"],
     )
+    columns = ["the uint8 crop `image` (3, R, R)"]
     if info.pixel_space:
-        encoding = (
-            "stored in pixel space (no VAE). Each row holds the uint8 crop `image` (3, R, R) and the class `label`"
-        )
+        encoding = "stored in pixel space (no VAE)"
     else:
-        encoding = (
-            f"encoded with the VAE `{info.vae}` (scaling factor {info.scaling_factor}). Each row holds the uint8 "
-            "crop `image` (3, R, R), the VAE posterior `latent_mean` and `latent_std` (C, h, w) and the class `label`"
+        encoding = f"encoded with the VAE `{info.vae}` (scaling factor {info.scaling_factor})"
+        columns.append("the VAE posterior `latent_mean` and `latent_std` (C, h, w)")
+    if info.num_classes:
+        columns.append("the class `label`")
+    if info.has_captions:
+        columns.append(f"every `caption` of the image ({info.num_captions} in all)")
+    if info.has_text_features:
+        length, width = info.text_features_shape
+        columns.append(
+            f"their `text_features` (captions, {length}, {width}) float16 from `{info.text_encoder}` (the empty "
+            f"caption's in `{EMPTY_TEXT_FEATURES_FILE}`)"
         )
+    encoding += ". Each row holds " + ", ".join(columns[:-1]) + " and " + columns[-1]
     content = (
         f"---\n{card_data.to_yaml()}\n---\n\n# Latent cache for REPA / SiT training\n\n"
         f"{info.num_samples} images from `{info.source.get('dataset')}` (split `{info.source.get('split')}`), "
@@ -677,9 +838,15 @@ def _write_dataset_card(output_dir: Path, info: LatentCacheInfo) -> None:
 
 
 def _finalize(
-    output_dir: Path, shard_names: list[str], base_info: dict[str, Any], class_names: list[str] | None
+    output_dir: Path,
+    shard_names: list[str],
+    base_info: dict[str, Any],
+    class_names: list[str] | None,
+    has_labels: bool,
+    empty_text_features: np.ndarray | None,
 ) -> LatentCacheInfo:
-    """Gathers the shard records into ``cache_info.json`` and the skip report (main process, all shards done)."""
+    """Gathers the shard records into ``cache_info.json`` and the skip report, and writes the empty caption's
+    features (1, L, D) when given (main process, all shards done)."""
     missing = [name for name in shard_names if not _shard_done(output_dir, name)]
     if missing:
         raise RuntimeError(f"{len(missing)} shards are not finished (first: {missing[0]}); rerun to resume the job.")
@@ -691,7 +858,9 @@ def _finalize(
     num_samples = sum(record["num_samples"] for record in records)
     if num_samples == 0:
         raise ValueError(f"No readable image in the source; see {output_dir / SKIPPED_REPORT_FILE}.")
-    if class_names is not None:
+    if not has_labels:
+        num_classes, id2label = 0, None
+    elif class_names is not None:
         num_classes, id2label = len(class_names), dict(enumerate(class_names))
     else:
         num_classes, id2label = max(record["max_label"] for record in records) + 1, None
@@ -704,6 +873,11 @@ def _finalize(
         shards=[record["file"] for record in records],
         shard_num_samples=[record["num_samples"] for record in records],
     )
+    if info.has_captions:
+        info.num_captions = sum(record["num_captions"] for record in records)
+    if empty_text_features is not None:
+        tensors = {_TEXT_FEATURES_KEY: torch.from_numpy(empty_text_features)}
+        write_file_atomically(output_dir / EMPTY_TEXT_FEATURES_FILE, lambda path: save_file(tensors, str(path)))
     write_text_atomically(output_dir / SKIPPED_REPORT_FILE, json.dumps(skipped, indent=2) + "\n")
     _write_dataset_card(output_dir, info)
     write_text_atomically(output_dir / CACHE_INFO_FILE, info.to_json())
@@ -721,7 +895,9 @@ def build_latent_cache(
     num_shards: int | None = None,
     split: str = "train",
     image_column: str = "image",
-    label_column: str = "label",
+    label_column: str | None = "label",
+    caption_column: str | None = None,
+    text_encoder: str | os.PathLike | None = None,
     streaming: bool = False,
     max_samples: int | None = None,
     num_workers: int = 4,
@@ -748,11 +924,17 @@ def build_latent_cache(
         batch_size: images per VAE forward pass.
         shard_size / num_shards: rows of the source per shard (default 1024), or the number of shards instead
             (map-style sources only). At most one of them.
-        split, image_column, label_column, streaming, max_samples: see ``load_image_source``. With streaming,
-            each process reads its part of the stream (``datasets.distributed.split_dataset_by_node``); resume
-            then needs the same number of processes.
+        split, image_column, label_column, caption_column, streaming, max_samples: see ``load_image_source``.
+            With ``caption_column`` every caption of an image is stored, in order (labels only if the source has
+            them; ``num_classes`` is 0 otherwise). With streaming, each process reads its part of the stream
+            (``datasets.distributed.split_dataset_by_node``); resume then needs the same number of processes.
+        text_encoder: with ``caption_column``, a CLIP text encoder for
+            :func:`~diffusers_repa.text_encoding.load_text_encoder` (``"tiny-clip"``, ``openai/clip-vit-large-patch14``
+            as the original, a local folder): the token features (L, D) of every caption are stored as float16, and
+            the empty caption's in ``empty_text_features.safetensors``. MS-COCO with CLIP ViT-L/14 takes about
+            82,783 × 5 × 77 × 768 × 2 bytes ≈ 49 GB.
         num_workers: threads decoding and cropping images while the VAE runs (0: in the main thread).
-        mixed_precision: ``"no"`` (float32, as the original), ``"fp16"`` or ``"bf16"`` autocast for the encoder.
+        mixed_precision: ``"no"`` (float32, as the original), ``"fp16"`` or ``"bf16"`` autocast for the encoders.
         show_progress: tqdm bar with ETA on the local main process.
 
     Returns:
@@ -764,10 +946,16 @@ def build_latent_cache(
         raise ValueError(f"batch_size must be positive and num_workers >= 0 (got {batch_size}, {num_workers}).")
     if shard_size is not None and num_shards is not None:
         raise ValueError("Pass either shard_size or num_shards, not both.")
+    if text_encoder is not None and caption_column is None:
+        raise ValueError("text_encoder encodes captions: pass caption_column (the source's caption column) too.")
     # Like Accelerator: `accelerate launch --cpu` (ACCELERATE_USE_CPU) makes several CPU processes one gloo group.
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
-    dataset = load_image_source(source, split, image_column, label_column, streaming, max_samples=max_samples)
-    source_info = describe_source(source, split, image_column, label_column, max_samples, loaded=dataset)
+    dataset = load_image_source(
+        source, split, image_column, label_column, streaming, caption_column=caption_column, max_samples=max_samples
+    )
+    source_info = describe_source(
+        source, split, image_column, label_column, max_samples, caption_column=caption_column, loaded=dataset
+    )
     # Skipped images of a local folder are reported relative to it.
     source_root = Path(source).expanduser().resolve() if source_info["kind"] == "local folder" else None
     is_map_style = isinstance(dataset, datasets.Dataset)
@@ -790,11 +978,32 @@ def build_latent_cache(
         raise ValueError(f"resolution must be a positive {what}, got {resolution}.")
     if vae_model is not None:
         vae_model = vae_model.to(state.device).eval().requires_grad_(False)
+    text, text_info = None, {}
+    if caption_column is not None:
+        text_info["caption_column"] = caption_column
+    if text_encoder is not None:
+        text = load_text_encoder(text_encoder, device=state.device)
+        text_id, text_hash = _text_encoder_record(text_encoder)
+        text_info.update(
+            text_encoder=text_id,
+            text_encoder_hash=text_hash,
+            text_features_shape=[text[0].model_max_length, text[1].config.hidden_size],
+        )
     features = dataset.features
     label_feature = features.get("label") if features is not None else None
     class_names = label_feature.names if isinstance(label_feature, datasets.ClassLabel) else None
+    # A stream of unknown columns keeps the label column it was asked for (load_image_source could not check it).
+    has_labels = "label" in dataset.column_names if dataset.column_names is not None else label_column is not None
     latent_size = resolution // downsample
-    cache_features = _cache_features(resolution, latent_channels, latent_size, label_feature)
+    cache_features = _cache_features(
+        resolution,
+        latent_channels,
+        latent_size,
+        label_feature,
+        has_labels=has_labels,
+        has_captions=caption_column is not None,
+        text_features_shape=tuple(text_info["text_features_shape"]) if text is not None else None,
+    )
     if features is not None and isinstance(features.get("image"), datasets.Image):
         # Decode ourselves: a corrupt file must be skipped, not raise inside datasets' iterator.
         dataset = dataset.cast_column("image", datasets.Image(decode=False))
@@ -811,6 +1020,10 @@ def build_latent_cache(
         "shard_size": shard_size,
         "mixed_precision": mixed_precision,
     }
+    if text is not None:
+        # Only caption builds record these (the caption column is in the source record), so class caches begun
+        # before captions existed still resume.
+        settings.update(text_encoder=text_info["text_encoder"], text_encoder_hash=text_info["text_encoder_hash"])
     _check_build_settings(output_dir, settings, state)
 
     if is_map_style:
@@ -827,6 +1040,7 @@ def build_latent_cache(
     try:
         encoder = _ShardEncoder(
             vae_model,
+            text,
             cache_features,
             output_dir,
             resolution,
@@ -859,7 +1073,9 @@ def build_latent_cache(
             "latent_size": latent_size,
             "source": source_info,
             **_vae_normalisation(vae_model),
+            **text_info,
         }
-        _finalize(output_dir, shard_names, base_info, class_names)
+        empty_text_features = encoder.encode_texts([""]) if text is not None else None
+        _finalize(output_dir, shard_names, base_info, class_names, has_labels, empty_text_features)
     state.wait_for_everyone()
     return output_dir

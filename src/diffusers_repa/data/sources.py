@@ -1,5 +1,7 @@
-"""Image-classification sources: ImageNet-1k on the Hub, any Hub dataset, a local image folder, scikit-learn's
-digits, or a dataset object; and the record that identifies a source in a latent cache."""
+"""Image sources, class-labelled or captioned: ImageNet-1k on the Hub, any Hub dataset (MS-COCO captions, ...), a
+local image folder (class sub-folders, or a ``metadata.jsonl`` / ``metadata.csv`` with a caption column),
+scikit-learn's digits (with captions: ``"digits-captions"``), or a dataset object; and the record that identifies a
+source in a latent cache."""
 
 from __future__ import annotations
 
@@ -12,7 +14,14 @@ import datasets
 from datasets.exceptions import DatasetNotFoundError
 from huggingface_hub.errors import GatedRepoError, HfHubHTTPError
 
-from .digits import DIGITS_DATASET, digits_dataset, digits_fingerprint
+from .digits import (
+    DIGITS_CAPTIONS_DATASET,
+    DIGITS_DATASET,
+    digits_captions_dataset,
+    digits_captions_fingerprint,
+    digits_dataset,
+    digits_fingerprint,
+)
 
 __all__ = ["IMAGENET_1K_REPO_ID", "describe_source", "load_image_source"]
 
@@ -20,6 +29,10 @@ IMAGENET_1K_REPO_ID = "ILSVRC/imagenet-1k"
 _DATASET_ALIASES = {"imagenet-1k": IMAGENET_1K_REPO_ID, "imagenet": IMAGENET_1K_REPO_ID}
 
 SourceDataset = datasets.Dataset | datasets.IterableDataset
+_BUILTIN_DIGITS = {
+    DIGITS_DATASET: (digits_dataset, digits_fingerprint),
+    DIGITS_CAPTIONS_DATASET: (digits_captions_dataset, digits_captions_fingerprint),
+}
 
 
 def _is_gated_or_unauthorized(error: BaseException) -> bool:
@@ -54,15 +67,16 @@ def _load_hub_dataset(repo_id: str, split: str, streaming: bool, **load_kwargs) 
 def _resolve_name(name: str | os.PathLike) -> tuple[str, str | Path]:
     """What a source name means, in this order: a local folder, the built-in digits, a Hub id (aliases resolved).
 
-    Returns ``(kind, value)``: ``("local folder", Path)``, ``("digits", "digits")`` or ``("hub", repo_id)``.
+    Returns ``(kind, value)``: ``("local folder", Path)``, ``("digits", "digits" or "digits-captions")`` or
+    ``("hub", repo_id)``.
     """
     path = Path(name).expanduser()
     if path.is_dir():
         return "local folder", path
     if path.exists():
         raise ValueError(f"{path} is a file; pass a directory of class sub-folders or a Hub dataset id.")
-    if str(name) == DIGITS_DATASET:
-        return "digits", DIGITS_DATASET
+    if str(name) in _BUILTIN_DIGITS:
+        return "digits", str(name)
     return "hub", _DATASET_ALIASES.get(str(name), str(name))
 
 
@@ -79,33 +93,48 @@ def load_image_source(
     dataset: str | os.PathLike | datasets.Dataset | datasets.IterableDataset | datasets.DatasetDict,
     split: str = "train",
     image_column: str = "image",
-    label_column: str = "label",
+    label_column: str | None = "label",
     streaming: bool = False,
     *,
+    caption_column: str | None = None,
     max_samples: int | None = None,
     **load_kwargs,
 ) -> SourceDataset:
-    """Opens an image-classification source with exactly two columns, ``image`` and ``label``.
+    """Opens an image source with the columns ``image``, ``label`` (class data) and ``caption`` (captioned data).
+
+    Class data has ``image`` and ``label``. Captioned data (``caption_column`` given) has ``image`` and ``caption``
+    (a string, or a list of strings: several captions per image, as MS-COCO's five), plus ``label`` when the source
+    has the label column (the digits keep theirs so that an evaluation can check the drawn digit). Local caption
+    folders follow ``datasets``' imagefolder convention: the images and a ``metadata.jsonl`` / ``metadata.csv`` with
+    a ``file_name`` column and the caption column (e.g. ``{"file_name": "0001.png", "text": ["a cat", "a pet"]}``).
+    The original text-to-image REPA trains on MS-COCO 2014 train (82,783 images × about 5 captions); any Hub copy
+    with an image column and a caption list column works, e.g. ``caption_column="sentences"`` or ``"captions"``,
+    whichever the dataset card names.
 
     Args:
         dataset: ``"imagenet-1k"`` (alias of the gated Hub dataset ``ILSVRC/imagenet-1k``), any Hub dataset id
             (``"user/name"``), a local directory read with the ``imagefolder`` builder (one sub-folder per class,
-            optionally inside ``train/``, ``validation/``, ...), ``"digits"`` (scikit-learn's 1,797 8×8 digits,
-            split ``"train"`` only; see :mod:`~diffusers_repa.data.digits`), or an in-memory ``Dataset`` /
+            optionally inside ``train/``, ``validation/``, ...; or a caption metadata file), ``"digits"``
+            (scikit-learn's 1,797 8×8 digits, split ``"train"`` only; see :mod:`~diffusers_repa.data.digits`),
+            ``"digits-captions"`` (the same with a ``caption`` list column), or an in-memory ``Dataset`` /
             ``IterableDataset`` / ``DatasetDict``. A local directory takes precedence over a name.
         split: split to read (ignored for a ``Dataset`` / ``IterableDataset`` object).
-        image_column, label_column: source column names; they are renamed to ``image`` and ``label``.
+        image_column, label_column, caption_column: source column names; they are renamed to ``image``, ``label``
+            and ``caption``. ``label_column=None``: no labels. With ``caption_column``, a source without the
+            default ``"label"`` column simply has no labels; a label column named otherwise must exist.
         streaming: read lazily as an ``IterableDataset`` instead of downloading first (a ``Dataset`` object is
             turned into an ``IterableDataset``).
         max_samples: keep only the first ``max_samples`` rows.
         **load_kwargs: passed to ``datasets.load_dataset`` (``token``, ``cache_dir``, ``revision``, ...).
 
     Returns:
-        ``datasets.Dataset`` (or ``IterableDataset`` when streaming). Images are not decoded or preprocessed here.
+        ``datasets.Dataset`` (or ``IterableDataset`` when streaming). Images are not decoded or preprocessed here,
+        captions not checked (the cache does that row by row).
 
     Raises:
         PermissionError: the Hub dataset is gated and the terms were not accepted / no login (message says how).
-        ValueError: a column is missing, or the split does not exist in a ``DatasetDict``.
+        ValueError: a column is missing (the message lists the source's columns), neither labels nor captions are
+            asked for, or the split does not exist in a ``DatasetDict``.
     """
     dataset = _select_split(dataset, split)
     if isinstance(dataset, (str, os.PathLike)):
@@ -115,7 +144,7 @@ def load_image_source(
                 "imagefolder", data_dir=str(value), split=split, streaming=streaming, **load_kwargs
             )
         elif kind == "digits":
-            source = digits_dataset(split)
+            source = _BUILTIN_DIGITS[value][0](split)
             source = source.to_iterable_dataset() if streaming else source
         else:
             source = _load_hub_dataset(value, split, streaming, **load_kwargs)
@@ -127,15 +156,21 @@ def load_image_source(
         )
 
     columns = source.column_names
+    if caption_column is not None and label_column == "label" and columns is not None and "label" not in columns:
+        label_column = None  # captioned data needs no labels (MS-COCO, a caption folder)
+    if label_column is None and caption_column is None:
+        raise ValueError("A source needs a label column (class data) or a caption column (text-to-image data).")
+    roles = [("image", image_column), ("label", label_column), ("caption", caption_column)]
+    roles = [(role, column) for role, column in roles if column is not None]
     if columns is not None:
-        for role, column in (("image", image_column), ("label", label_column)):
+        for role, column in roles:
             if column not in columns:
                 raise ValueError(
                     f"The source has no {role} column '{column}' (columns: {columns}); "
                     f"choose it with --{role}_column / {role}_column=."
                 )
-    source = source.select_columns([image_column, label_column])
-    renames = {old: new for old, new in ((image_column, "image"), (label_column, "label")) if old != new}
+    source = source.select_columns([column for _, column in roles])
+    renames = {old: new for new, old in roles if old != new}
     if renames:
         source = source.rename_columns(renames)
     if max_samples is not None:
@@ -170,9 +205,10 @@ def describe_source(
     dataset: str | os.PathLike | datasets.Dataset | datasets.IterableDataset | datasets.DatasetDict,
     split: str = "train",
     image_column: str = "image",
-    label_column: str = "label",
+    label_column: str | None = "label",
     max_samples: int | None = None,
     *,
+    caption_column: str | None = None,
     loaded: datasets.Dataset | datasets.IterableDataset | None = None,
 ) -> dict[str, Any]:
     """What identifies a source in a latent cache: portable (no absolute path) and, where cheap, content-based.
@@ -181,7 +217,8 @@ def describe_source(
 
     - a local folder: a SHA-256 of every non-hidden file's relative path, size and modification time (files are
       not read; a change anywhere in the folder, also in another split's sub-folder, counts);
-    - ``"digits"``: the scikit-learn version and a SHA-256 of the arrays;
+    - ``"digits"``: the scikit-learn version and a SHA-256 of the arrays (``"digits-captions"``: and of the caption
+      wording);
     - an in-memory ``Dataset`` / ``DatasetDict``: the selected split's ``_fingerprint`` (``datasets`` derives it
       from the content for in-memory tables and from the loading recipe for loaded ones);
     - a Hub dataset: the ``_fingerprint`` of ``loaded`` when it is a map-style (downloaded) dataset, which
@@ -191,20 +228,22 @@ def describe_source(
     - an in-memory ``IterableDataset``: ``None`` (nothing identifies its content).
 
     Args:
-        dataset, split, image_column, label_column, max_samples: as for :func:`load_image_source`.
+        dataset, split, image_column, label_column, max_samples, caption_column: as for
+            :func:`load_image_source`.
         loaded: the dataset :func:`load_image_source` returned for these arguments, if already loaded.
 
     Returns:
-        ``{"dataset", "kind", "split", "image_column", "label_column", "max_samples", "fingerprint"}`` where
-        ``dataset`` is a local folder's name, the Hub repository id, ``"digits"`` or ``"in-memory dataset"`` and
-        ``kind`` is ``"local folder"``, ``"hub"``, ``"digits"`` or ``"in-memory"``.
+        ``{"dataset", "kind", "split", "image_column", "label_column", "caption_column", "max_samples",
+        "fingerprint"}`` where ``dataset`` is a local folder's name, the Hub repository id, ``"digits"``,
+        ``"digits-captions"`` or ``"in-memory dataset"`` and ``kind`` is ``"local folder"``, ``"hub"``, ``"digits"``
+        or ``"in-memory"``. The columns are recorded as given.
     """
     if isinstance(dataset, (str, os.PathLike)):
         kind, value = _resolve_name(dataset)
         if kind == "local folder":
             name, fingerprint = value.resolve().name, _folder_fingerprint(value)
         elif kind == "digits":
-            name, fingerprint = DIGITS_DATASET, digits_fingerprint()
+            name, fingerprint = value, _BUILTIN_DIGITS[value][1]()
         else:
             name = value
             fingerprint = loaded._fingerprint if isinstance(loaded, datasets.Dataset) else None
@@ -218,6 +257,7 @@ def describe_source(
         "split": split,
         "image_column": image_column,
         "label_column": label_column,
+        "caption_column": caption_column,
         "max_samples": max_samples,
         "fingerprint": fingerprint,
     }

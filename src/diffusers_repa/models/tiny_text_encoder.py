@@ -17,10 +17,9 @@ import torch
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from ..atomic_files import write_folder_atomically
+from ..text_encoding import CLIP_MAX_LENGTH, TINY_CLIP_NAME
 
-TINY_CLIP_NAME = "tiny-clip"
 TINY_CLIP_WIDTH = 64  # the built-in one's hidden size (an MMDiT's joint_attention_dim must equal it)
-CLIP_MAX_LENGTH = 77  # CLIP's positions; the original's text features are 77 × 768
 
 _LETTERS = [chr(code) for code in range(ord("a"), ord("z") + 1)]
 _TOKENS = ["<|startoftext|>", "<|endoftext|>", *_LETTERS, *(letter + "</w>" for letter in _LETTERS)]

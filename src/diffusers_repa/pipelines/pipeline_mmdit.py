@@ -20,10 +20,8 @@ from transformers import CLIPTextModel, CLIPTokenizer
 from ..models.transformer_mmdit import MMDiTTransformer2DModel
 from ..schedulers.scheduling_sit_ode import SiTODEScheduler
 from ..schedulers.scheduling_sit_sde import SiTSDEScheduler
+from ..text_encoding import CLIP_MAX_LENGTH, encode_text
 from .flow_sampling import FlowSamplingMixin
-
-# The original's text features: CLIP ViT-L/14's last hidden state over 77 tokens (U-ViT's COCO preprocessing).
-CLIP_MAX_LENGTH = 77
 
 EXAMPLE_DOC_STRING = """
     Examples:
@@ -99,10 +97,7 @@ class MMDiTPipeline(FlowSamplingMixin, DiffusionPipeline):
                 "Encoding text needs the pipeline's tokenizer and text_encoder, but it has none; pass prompt_embeds "
                 "(and negative_prompt_embeds for guidance) instead, or load the pipeline with a CLIP text encoder."
             )
-        input_ids = self.tokenizer(
-            texts, padding="max_length", max_length=self.tokenizer_max_length, truncation=True, return_tensors="pt"
-        ).input_ids
-        features = self.text_encoder(input_ids.to(device)).last_hidden_state
+        features = encode_text(self.tokenizer, self.text_encoder, texts, self.tokenizer_max_length, device=device)
         return features.to(dtype=self.transformer.dtype)
 
     def encode_prompt(
