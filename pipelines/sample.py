@@ -1,9 +1,15 @@
-"""Sample class-conditional images from a SiT/REPA pipeline (local folder or Hub repo id) into a PNG grid.
+"""Sample class-conditional images from a SiT/REPA pipeline, or images of captions from a text-to-image MMDiT/REPA
+pipeline (local folder or Hub repo id), into a PNG grid.
 
 The paper's setting (SiT-XL/2 + REPA, FID 1.42): SDE sampler, 250 steps, guidance 1.8 on t ∈ [0, 0.7]:
 
     python pipelines/sample.py --model org/sit-xl-repa --class_labels 207 "golden retriever" 88 \
         --sampler sde --steps 250 --guidance_scale 1.8 --guidance_interval 0 0.7 --seed 0 --output grid.png
+
+Text-to-image (an MMDiTPipeline; the original's generate_t2i.py defaults: ODE, 50 steps, guidance 1.5):
+
+    python pipelines/sample.py --model mmdit-repa --prompt "a red bus on a street" "a bowl of fruit" \
+        --sampler ode --steps 50 --guidance_scale 1.5 --output grid.png
 
 A mistake (a bad value, a missing folder, an output format PIL cannot write) ends with one
 ``sample.py: error: ...`` line (exit status 2) before any model is loaded or sampled; ``--debug`` shows the traceback.
@@ -37,9 +43,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Parse and check the flags (a ValueError names the flag); nothing heavy is imported yet."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="Pipeline folder or Hub repo id.")
-    parser.add_argument(
-        "--class_labels", nargs="+", required=True, help="Class ids and/or names (quote names with spaces)."
+    condition = parser.add_mutually_exclusive_group(required=True)
+    condition.add_argument(
+        "--class_labels", nargs="+", help="Class ids and/or names (quote names with spaces); SiT pipelines."
     )
+    condition.add_argument("--prompt", nargs="+", help="Captions, one image each (quoted); MMDiT pipelines.")
     parser.add_argument("--sampler", choices=["sde", "ode"], default="sde")
     parser.add_argument("--heun", action="store_true", help="Heun instead of Euler for the ODE sampler.")
     parser.add_argument(
@@ -76,13 +84,20 @@ def main(argv: list[str] | None = None) -> None:
     import torch
     from diffusers.utils import make_image_grid
 
+    from diffusers_repa.evaluation.generate import load_generation_pipeline
     from diffusers_repa.evaluation.image_io import enlarge_small_images
-    from diffusers_repa.pipelines.pipeline_sit import SiTPipeline
+    from diffusers_repa.pipelines.pipeline_mmdit import MMDiTPipeline
     from diffusers_repa.schedulers import SiTODEScheduler, SiTSDEScheduler
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
-    pipe = SiTPipeline.from_pretrained(str(args.model), dtype=dtype).to(device)
+    pipe = load_generation_pipeline(str(args.model), dtype=dtype).to(device)
+    if isinstance(pipe, MMDiTPipeline) != (args.prompt is not None):
+        raise ValueError(
+            f"{args.model} is a text-to-image MMDiTPipeline: give --prompt instead of --class_labels."
+            if args.prompt is None
+            else f"{args.model} is a class-conditional {type(pipe).__name__}: give --class_labels instead of --prompt."
+        )
     if args.sampler == "ode":
         pipe.scheduler = SiTODEScheduler(solver="heun" if args.heun else "euler")
     else:
@@ -92,7 +107,7 @@ def main(argv: list[str] | None = None) -> None:
 
     generator = torch.Generator(device=device).manual_seed(args.seed)
     images = pipe(
-        args.class_labels,
+        args.prompt or args.class_labels,
         num_inference_steps=args.steps,
         guidance_scale=args.guidance_scale,
         guidance_interval=tuple(args.guidance_interval),

@@ -42,6 +42,7 @@ SETTINGS = {"sampler": "ode", "num_inference_steps": 2, "guidance_scale": 2.0, "
 
 generate_script = load_script("pipelines/generate.py")
 evaluate_script = load_script("pipelines/evaluate.py")
+sample_script = load_script("pipelines/sample.py")
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -252,6 +253,20 @@ def test_prompts_and_pipelines_must_match(tmp_path, mmdit_folder, capsys):
     pipe.text_encoder = None
     with pytest.raises(ValueError, match="no tokenizer and text_encoder"):
         generate_samples(pipe, tmp_path / "c", prompts=["a cat"], **SETTINGS)
+
+
+def test_sample_script_draws_a_grid_of_prompts(tmp_path, mmdit_folder, capsys):
+    sample_script.main(
+        ["--model", str(mmdit_folder), "--prompt", "a cat", "a red bus", "--sampler", "ode", "--steps", "2",
+         "--guidance_scale", "1.5", "--output", str(tmp_path / "grid.png"), "--save_individual", str(tmp_path / "each")]
+    )  # fmt: skip
+    assert "Wrote a 1x2 grid of 2 images" in capsys.readouterr().out
+    assert [Image.open(path).size for path in sorted((tmp_path / "each").iterdir())] == [(8, 8), (8, 8)]
+    line = error_line(sample_script, ["--model", str(mmdit_folder), "--class_labels", "1", "--steps", "1"], capsys)
+    assert (
+        line
+        == f"script.py: error: {mmdit_folder} is a text-to-image MMDiTPipeline: give --prompt instead of --class_labels."
+    )
 
 
 # --- FID against U-ViT-style statistics and the evaluate script -----------------------------------------------

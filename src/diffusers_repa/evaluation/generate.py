@@ -86,15 +86,15 @@ def _scheduler_for(pipeline, sampler: Sampler, heun: bool, path_type: str | None
     raise ValueError(f"sampler must be 'sde' or 'ode', got {sampler!r}.")
 
 
-def load_generation_pipeline(name_or_path: str | os.PathLike):
+def load_generation_pipeline(name_or_path: str | os.PathLike, **kwargs):
     """The [`MMDiTPipeline`] or [`SiTPipeline`] saved in a folder or Hub repo, by the class its ``model_index.json``
-    names."""
+    names; ``kwargs`` go to ``from_pretrained`` (e.g. ``dtype``)."""
     from ..pipelines.pipeline_mmdit import MMDiTPipeline
     from ..pipelines.pipeline_sit import SiTPipeline
 
     class_name = SiTPipeline.load_config(name_or_path).get("_class_name")
     pipeline_class = MMDiTPipeline if class_name == MMDiTPipeline.__name__ else SiTPipeline
-    return pipeline_class.from_pretrained(name_or_path)
+    return pipeline_class.from_pretrained(name_or_path, **kwargs)
 
 
 def _check_task(pipeline, prompts: Sequence[str] | None) -> list[str] | None:
