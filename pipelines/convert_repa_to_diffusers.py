@@ -58,7 +58,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--text_encoder",
         default=CLIP_TEXT_ENCODER,
         help="with --text_to_image --vae: CLIP tokenizer + text model of the MMDiTPipeline (Hub id or folder, "
-        "optionally with tokenizer/ and text_encoder/ inside)",
+        "optionally with tokenizer/ and text_encoder/ inside, or tiny-clip)",
     )
     args = parser.parse_args(argv)
     if not Path(args.checkpoint).is_file():
@@ -75,8 +75,6 @@ def parse_args(argv=None) -> argparse.Namespace:
         )
     if args.vae is not None:
         check_pretrained_source(args.vae, config_name="config.json", what="VAE")
-        if args.text_to_image and not (Path(args.text_encoder) / "text_encoder" / "config.json").is_file():
-            check_pretrained_source(args.text_encoder, config_name="config.json", what="CLIP text encoder")
     return args
 
 
@@ -96,30 +94,20 @@ def check_checkpoint_family(checkpoint: str, text_to_image: bool) -> None:
         )
 
 
-def load_clip_text_encoder(name_or_path: str):
-    """The CLIP tokenizer and text model of an MMDiTPipeline, from a Hub id or folder of a CLIP model (the text half
-    of a full `CLIPModel` checkpoint such as openai/clip-vit-large-patch14 is read) or a folder holding them as
-    tokenizer/ and text_encoder/, the layout of a pipeline folder."""
-    from transformers import CLIPTextModel, CLIPTokenizer
-
-    split = (Path(name_or_path) / "text_encoder").is_dir()
-    tokenizer = CLIPTokenizer.from_pretrained(name_or_path, subfolder="tokenizer" if split else "")
-    text_encoder = CLIPTextModel.from_pretrained(name_or_path, subfolder="text_encoder" if split else "")
-    return tokenizer, text_encoder
-
-
 def convert_text_to_image(args: argparse.Namespace) -> None:
     from diffusers import AutoencoderKL
 
     from diffusers_repa.conversion_mmdit import convert_mmdit_checkpoint
     from diffusers_repa.pipelines import MMDiTPipeline
     from diffusers_repa.schedulers import SiTSDEScheduler
+    from diffusers_repa.text_encoding import load_text_encoder
 
+    # The text encoder is read first: a wrong name is reported before the checkpoint is converted.
+    tokenizer, text_encoder = load_text_encoder(args.text_encoder) if args.vae is not None else (None, None)
     model = convert_mmdit_checkpoint(args.checkpoint, encoder_depth=args.encoder_depth, weights=args.weights)
     if args.vae is None:
         model.save_pretrained(args.output)
     else:
-        tokenizer, text_encoder = load_clip_text_encoder(args.text_encoder)
         if text_encoder.config.hidden_size != model.config.joint_attention_dim:
             raise ValueError(
                 f"--text_encoder {args.text_encoder} has width {text_encoder.config.hidden_size}, but the MMDiT reads "

@@ -74,7 +74,7 @@ def test_train_t2i_checkpoint_converts_its_ema_weights_and_reads_the_encoder_dep
         assert_bit_identical(load_file(str(tmp_path / f"{weights}.safetensors")), expected)
 
 
-def test_whole_pipeline_with_vae_and_text_encoder(tmp_path):
+def test_whole_pipeline_with_vae_and_text_encoder(tmp_path, capsys):
     from diffusers_repa.pipelines import MMDiTPipeline
 
     vae = save_tiny_random_vae(tmp_path / "vae")
@@ -91,6 +91,12 @@ def test_whole_pipeline_with_vae_and_text_encoder(tmp_path):
     assert_bit_identical(load_file(str(tmp_path / "t.safetensors")), OFFICIAL)
     images = pipe("a cat", num_inference_steps=2, guidance_scale=2.0, output_type="np").images
     assert images.shape == (1, 256, 256, 3)
+
+    # The built-in tiny-clip is 64 wide; the original MMDiT reads 768-d CLIP ViT-L/14 features.
+    argv = ["--checkpoint", str(MMDIT_TINY / "official_state_dict.safetensors"), "--output", str(tmp_path / "other"),
+            "--text_to_image", "--encoder_depth", "1", "--vae", str(vae), "--text_encoder", "tiny-clip"]  # fmt: skip
+    assert "has width 64, but the MMDiT reads 768-d token features" in error_line(to_diffusers, argv, capsys)
+    assert not (tmp_path / "other").exists()
 
 
 def test_family_mismatches_are_one_error_line(tmp_path, capsys):
