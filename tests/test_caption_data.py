@@ -12,6 +12,7 @@ import torch
 from accelerate import skip_first_batches
 
 from diffusers_repa.data import (
+    COCO_CAPTION_COLUMN,
     DIGITS_CAPTIONS_DATASET,
     LatentCacheBatches,
     LatentCacheInfo,
@@ -26,6 +27,7 @@ from diffusers_repa.data import (
     load_latent_cache,
     make_train_dataloader,
     read_cache_info,
+    write_coco_captions_metadata,
 )
 from diffusers_repa.models.tiny_text_encoder import TINY_CLIP_WIDTH, save_tiny_clip
 from diffusers_repa.text_encoding import CLIP_MAX_LENGTH, encode_text, load_text_encoder
@@ -175,6 +177,36 @@ def test_caption_folder_with_metadata_jsonl(tmp_path):
     assert set(batch) == {"image", "caption"} and all(isinstance(caption, str) for caption in batch["caption"])
     with pytest.raises(ValueError, match="holds no text features"):
         load_empty_text_features(cache)
+
+
+def test_coco_annotations_become_a_caption_folder(tmp_path):
+    images = tmp_path / "train2014"
+    images.mkdir()
+    for name in ("COCO_train2014_000000000009.jpg", "COCO_train2014_000000000025.jpg", "no_caption.jpg"):
+        PIL.Image.fromarray(np.zeros((16, 12, 3), np.uint8)).save(images / name)
+    annotations = {
+        "images": [
+            {"id": 25, "file_name": "COCO_train2014_000000000025.jpg"},
+            {"id": 9, "file_name": "COCO_train2014_000000000009.jpg"},
+            {"id": 7, "file_name": "no_caption.jpg"},
+        ],
+        "annotations": [
+            {"image_id": 9, "id": 12, "caption": "A plate of food. "},
+            {"image_id": 25, "id": 3, "caption": "A giraffe eating."},
+            {"image_id": 9, "id": 5, "caption": "Broccoli on a plate"},
+        ],
+    }
+    annotations_file = tmp_path / "captions_train2014.json"
+    annotations_file.write_text(json.dumps(annotations))
+    write_coco_captions_metadata(annotations_file, images)
+    source = load_image_source(images, caption_column=COCO_CAPTION_COLUMN)
+    by_file = {Path(row["image"].filename).name: row["caption"] for row in source}
+    assert by_file == {
+        "COCO_train2014_000000000025.jpg": ["A giraffe eating."],
+        "COCO_train2014_000000000009.jpg": ["Broccoli on a plate", "A plate of food. "],  # annotation-id order
+    }
+    with pytest.raises(ValueError, match="not a COCO captions file"):
+        write_coco_captions_metadata(tmp_path / "train2014" / "metadata.jsonl", images)
 
 
 # --- caption caches ------------------------------------------------------------------------------------------------

@@ -13,9 +13,13 @@ Text-to-image data: name the caption column (a string or a list of captions per 
 CLIP features of every caption (and of the empty caption) are stored too, so training needs no text encoder pass:
     python training/prepare_dataset.py --dataset digits-captions --caption_column caption --text_encoder tiny-clip \
         --vae none --resolution 8 --output_dir data/digits-captions8
-    python training/prepare_dataset.py --dataset <hub COCO 2014 copy> --caption_column <its caption list column> \
+A local folder of images with a metadata.jsonl / metadata.csv (file_name + caption column) is such a source, and so
+is any Hub dataset with an image column and a caption (list) column. MS-COCO 2014 train as the original (its images
+and annotations/captions_train2014.json; diffusers_repa.data.write_coco_captions_metadata writes the metadata):
+    python -c "from diffusers_repa.data import write_coco_captions_metadata as w; \
+        w('coco/annotations/captions_train2014.json', 'coco/train2014')"
+    python training/prepare_dataset.py --dataset coco/train2014 --caption_column captions \
         --text_encoder openai/clip-vit-large-patch14 --resolution 256 --output_dir data/coco256
-A local folder of images with a metadata.jsonl / metadata.csv (file_name + caption column) works the same way.
 
 A mistake (a missing folder, an unreadable source, a bad value) ends with one `prepare_dataset.py: error: ...` line
 (exit status 2); add `--debug` for the traceback.

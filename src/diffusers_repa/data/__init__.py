@@ -5,9 +5,10 @@ Flow: ``load_image_source`` -> ``build_latent_cache`` (ADM crop, VAE posterior m
 crop only; every caption and, with a text encoder, their CLIP features; sharded Arrow files) -> ``load_latent_cache``
 -> ``make_train_dataloader`` (uint8 crop, latent moments, label; or one drawn caption and its features per sample).
 ``"digits"`` (scikit-learn's 8×8 digits) and ``"digits-captions"`` (the same with captions) are built-in real
-sources for small offline runs.
+sources for small offline runs; ``write_coco_captions_metadata`` makes MS-COCO's images and captions a caption folder.
 """
 
+from .coco import COCO_CAPTION_COLUMN, write_coco_captions_metadata
 from .digits import (
     DIGITS_CAPTIONS_DATASET,
     DIGITS_CLASS_NAMES,
@@ -41,6 +42,7 @@ from .synthetic import synthetic_class_dataset
 
 __all__ = [
     "CACHE_INFO_FILE",
+    "COCO_CAPTION_COLUMN",
     "DEFAULT_VAE",
     "DIGITS_CAPTIONS_DATASET",
     "DIGITS_CLASS_NAMES",
@@ -73,4 +75,5 @@ __all__ = [
     "split_digits",
     "synthetic_class_dataset",
     "to_rgb",
+    "write_coco_captions_metadata",
 ]

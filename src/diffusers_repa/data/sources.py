@@ -29,6 +29,8 @@ IMAGENET_1K_REPO_ID = "ILSVRC/imagenet-1k"
 _DATASET_ALIASES = {"imagenet-1k": IMAGENET_1K_REPO_ID, "imagenet": IMAGENET_1K_REPO_ID}
 
 SourceDataset = datasets.Dataset | datasets.IterableDataset
+# What datasets' imagefolder reads as per-image metadata (captions) when it lies in the folder itself.
+_METADATA_FILES = ("metadata.jsonl", "metadata.csv", "metadata.parquet")
 _BUILTIN_DIGITS = {
     DIGITS_DATASET: (digits_dataset, digits_fingerprint),
     DIGITS_CAPTIONS_DATASET: (digits_captions_dataset, digits_captions_fingerprint),
@@ -106,7 +108,9 @@ def load_image_source(
     (a string, or a list of strings: several captions per image, as MS-COCO's five), plus ``label`` when the source
     has the label column (the digits keep theirs so that an evaluation can check the drawn digit). Local caption
     folders follow ``datasets``' imagefolder convention: the images and a ``metadata.jsonl`` / ``metadata.csv`` with
-    a ``file_name`` column and the caption column (e.g. ``{"file_name": "0001.png", "text": ["a cat", "a pet"]}``).
+    a ``file_name`` column and the caption column (e.g. ``{"file_name": "0001.png", "text": ["a cat", "a pet"]}``);
+    a folder with such a file in it is read whole as ``split`` (see
+    :func:`~diffusers_repa.data.write_coco_captions_metadata` for MS-COCO).
     The original text-to-image REPA trains on MS-COCO 2014 train (82,783 images × about 5 captions); any Hub copy
     with an image column and a caption list column works, e.g. ``caption_column="sentences"`` or ``"captions"``,
     whichever the dataset card names.
@@ -140,9 +144,13 @@ def load_image_source(
     if isinstance(dataset, (str, os.PathLike)):
         kind, value = _resolve_name(dataset)
         if kind == "local folder":
-            source = datasets.load_dataset(
-                "imagefolder", data_dir=str(value), split=split, streaming=streaming, **load_kwargs
-            )
+            if any((value / name).is_file() for name in _METADATA_FILES):
+                # A caption folder is one split. datasets would otherwise infer splits from file names, and COCO's
+                # "COCO_train2014_*.jpg" would make a "train" split of the images without the metadata file.
+                folder = {"data_files": {split: str(value / "**")}}
+            else:
+                folder = {"data_dir": str(value)}
+            source = datasets.load_dataset("imagefolder", split=split, streaming=streaming, **folder, **load_kwargs)
         elif kind == "digits":
             source = _BUILTIN_DIGITS[value][0](split)
             source = source.to_iterable_dataset() if streaming else source
