@@ -93,7 +93,7 @@ def digits_captions_dataset(split: str = "train") -> datasets.Dataset:
     """:func:`digits_dataset` with a ``caption`` column: the list :func:`digit_captions` of each image's label."""
     dataset = digits_dataset(split)
     captions = [digit_captions(label) for label in dataset["label"]]
-    return dataset.add_column("caption", captions, feature=datasets.List(datasets.Value("string")))
+    return dataset.add_column("caption", captions, feature=datasets.Sequence(datasets.Value("string")))
 
 
 def digits_fingerprint() -> str:

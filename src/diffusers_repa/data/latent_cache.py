@@ -448,7 +448,7 @@ def _cache_features(
             label_feature if isinstance(label_feature, datasets.ClassLabel) else datasets.Value("int64")
         )
     if has_captions:
-        features["caption"] = datasets.List(datasets.Value("string"))
+        features["caption"] = datasets.Sequence(datasets.Value("string"))  # a List in datasets >= 4; 3 has no List
     if text_features_shape is not None:
         # One (L, D) block per caption of the row: the first dimension varies from row to row.
         features["text_features"] = datasets.Array3D((None, *text_features_shape), "float16")
