@@ -14,11 +14,11 @@ from diffusers_repa.losses import projection_loss
 from diffusers_repa.models.tiny_pipelines import build_tiny_sd3_pipeline
 from diffusers_repa.repa_head import REPAHead, TransformerWithREPAHead
 from diffusers_repa.training import TrainingStep
+from diffusers_repa.training.model_setup import token_count
 from diffusers_repa.training.pipeline_finetune import (
     REPA_HEAD_FOLDER,
     SD3FlowObjective,
     export_finetuned_pipeline,
-    image_token_count,
     load_finetune_pipeline,
     prepare_transformer,
     save_lora_adapter,
@@ -281,7 +281,7 @@ def test_encoder_tokens_are_interpolated_to_the_transformer_grid(tmp_path, encod
         pipeline, projection_dims=(ENCODER_WIDTH,), encoder_depth=1, projector_dim=32, lora_rank=2
     )
     assert isinstance(model, TransformerWithREPAHead)
-    num_tokens = image_token_count(model, LATENT)
+    num_tokens = token_count(model, LATENT)
     assert num_tokens == 64
     batch = make_batch()
     with torch.no_grad():

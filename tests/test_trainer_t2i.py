@@ -1,19 +1,23 @@
 """Text-to-image REPA through the one trainer and step: an MMDiT on digits with captions, conditioned on a tiny random
 CLIP's token features (cached), caption dropout to the empty caption, exact resume, MMDiTPipeline export, sampling by
-prompt — and the text-conditioned objective itself."""
+prompt — the text-conditioned objective itself — and LoRA + REPA fine-tuning of a tiny random SD3 pipeline."""
 
 from pathlib import Path
 
 import pytest
 import torch
+from diffusers import StableDiffusion3Pipeline
 
 from diffusers_repa import MMDiTPipeline
 from diffusers_repa.data import load_latent_cache, make_train_dataloader, read_cache_info
 from diffusers_repa.encoders import save_tiny_random_encoder
+from diffusers_repa.models.tiny_pipelines import build_tiny_sd3_pipeline
 from diffusers_repa.models.transformer_mmdit import MMDiTTransformer2DModel
 from diffusers_repa.text_encoding import encode_text, load_text_encoder
 from diffusers_repa.training import REPATrainer, REPATrainingArguments
+from diffusers_repa.training.model_setup import diffusion_transformer
 from diffusers_repa.training.objectives import TextToImageObjective
+from diffusers_repa.training.pipeline_finetune import SD3FlowObjective
 
 RESOLUTION = 16
 
@@ -161,3 +165,78 @@ def test_a_cache_of_another_text_encoder_is_refused(encoder, cache_dir, tmp_path
     text_encoder.save_pretrained(other / "text_encoder")
     with pytest.raises(ValueError, match=r"holds text features of 'tiny-clip', not of --text_encoder"):
         REPATrainer(t2i_args(encoder, cache_dir, tmp_path / "second", text_encoder=str(other)))
+
+
+# --- fine-tuning a pretrained SD3-family pipeline with LoRA + REPA, through the same trainer --------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_sd3(tmp_path_factory) -> Path:
+    return build_tiny_sd3_pipeline(tmp_path_factory.mktemp("sd3") / "pipeline")
+
+
+def sd3_args(encoder: Path, tiny_sd3: Path, tmp_path: Path, output_dir: str, **overrides) -> REPATrainingArguments:
+    values = {
+        "model": "SD3",
+        "pretrained_model": str(tiny_sd3),  # its vae/ is the run's VAE
+        "lora_rank": 4,
+        "resolution": 64,  # 8×8 latents of the tiny VAE, 16 tokens with patch 2
+        "vae": "stabilityai/sd-vae-ft-mse",  # the default: replaced by the pipeline's own
+        "max_train_samples": 8,
+        "validation_inference_steps": 2,
+    }
+    return t2i_args(encoder, tmp_path / "sd3-cache", tmp_path / output_dir, **{**values, **overrides})
+
+
+def test_sd3_lora_with_repa_trains_resumes_exactly_and_the_adapter_loads_into_the_pipeline(
+    encoder, tiny_sd3, tmp_path, single_thread
+):
+    args = sd3_args(encoder, tiny_sd3, tmp_path, "straight")
+    assert args.vae == str(tiny_sd3 / "vae")
+    straight = REPATrainer(args)
+    base = parameters(diffusion_transformer(straight.unwrapped_model))
+    straight.train()
+    assert isinstance(straight.objective, SD3FlowObjective)
+    trained_names = {name for name, param in straight.unwrapped_model.named_parameters() if param.requires_grad}
+    assert trained_names and all("lora" in name or name.startswith("head.") for name in trained_names)
+    after = parameters(diffusion_transformer(straight.unwrapped_model))
+    for name, value in base.items():  # the pretrained weights stay as they were
+        assert "lora" in name or torch.equal(after[name], value), name
+    moved = [name for name, value in base.items() if "lora" in name and not torch.equal(after[name], value)]
+    # All adapters but the last block's text-query one train (SD3 drops that block's text outputs, so it gets no
+    # gradient, as in diffusers' own SD3 LoRA example).
+    assert len(moved) == sum("lora" in name for name in base) - 2
+
+    REPATrainer(sd3_args(encoder, tiny_sd3, tmp_path, "resumed", max_train_steps=2)).train()
+    resumed = REPATrainer(sd3_args(encoder, tiny_sd3, tmp_path, "resumed", resume_from_checkpoint="latest"))
+    resumed.train()
+    for name, value in parameters(straight.ema_model).items():
+        assert torch.equal(parameters(resumed.ema_model)[name], value), name
+
+    pipe = StableDiffusion3Pipeline.from_pretrained(tiny_sd3)
+    inputs = {
+        "hidden_states": torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(0)),
+        "timestep": torch.tensor([500.0]),
+        "encoder_hidden_states": torch.randn(1, 5, pipe.transformer.config.joint_attention_dim),
+        "pooled_projections": torch.randn(1, pipe.transformer.config.pooled_projection_dim),
+    }
+    with torch.no_grad():
+        before = pipe.transformer(**inputs).sample
+        pipe.load_lora_weights(tmp_path / "straight" / "lora")
+        loaded = pipe.transformer(**inputs).sample
+        expected = diffusion_transformer(straight.ema_model)(**inputs).sample
+    torch.testing.assert_close(loaded, expected, rtol=1e-5, atol=1e-6)  # the EMA adapter
+    assert not torch.allclose(loaded, before)
+    image = pipe("the number three", num_inference_steps=2, output_type="np").images
+    assert image.shape == (1, 64, 64, 3)
+    card = (tmp_path / "straight" / "lora" / "README.md").read_text()
+    assert "StableDiffusion3Pipeline.from_pretrained" in card and "load_lora_weights" in card
+
+
+def test_sd3_needs_a_pretrained_pipeline_and_captions(encoder, tiny_sd3, tmp_path):
+    with pytest.raises(
+        ValueError, match=r"SD3 names a pretrained pipeline's transformer: pass it with --pretrained_model"
+    ):
+        sd3_args(encoder, tiny_sd3, tmp_path, "run", pretrained_model=None, lora_rank=0)
+    with pytest.raises(ValueError, match=r"is text-to-image: pass --caption_column"):
+        sd3_args(encoder, tiny_sd3, tmp_path, "run", caption_column=None)

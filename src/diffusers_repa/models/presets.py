@@ -4,6 +4,8 @@
 - ``DiT-{S,B,L,XL}/{2,4,8}``: the same sizes as diffusers' `DiTTransformer2DModel` (improved DDPM).
 - ``MMDiT-<depth>/<patch>``: REPA's text-to-image `MMDiTTransformer2DModel` with the original's sizing (width
   32·depth, depth heads); ``MMDiT-24/2`` is the original's model, aligned after block 8.
+- ``SD3``: the transformer of a pretrained SD3-family pipeline (`--pretrained_model`), fine-tuned with its own flow
+  matching (`training/pipeline_finetune.py`); its size is the pipeline's, so the name has none.
 """
 
 from __future__ import annotations
@@ -14,22 +16,25 @@ from typing import Literal
 from .transformer_mmdit import MMDIT_HEAD_DIM
 from .transformer_sit import DIT_PRESETS, SIT_PRESETS, parse_sit_preset
 
-ModelFamily = Literal["SiT", "DiT", "MMDiT"]
+ModelFamily = Literal["SiT", "DiT", "MMDiT", "SD3"]
 
 MMDIT_ENCODER_DEPTH = 8  # the original aligns after block 8 (of 24)
 _MMDIT_PATTERN = re.compile(r"^mmdit-(\d+)/(\d+)$", re.IGNORECASE)
 
 
 def preset_family(name: str) -> ModelFamily:
-    """``"SiT"``, ``"DiT"`` or ``"MMDiT"``: the model family a preset name (``"DiT-XL/2"``) asks for."""
+    """``"SiT"``, ``"DiT"``, ``"MMDiT"`` or ``"SD3"``: the model family a preset name (``"DiT-XL/2"``) asks for."""
     prefix = name.strip().lower().split("-", 1)[0]
-    return {"dit": "DiT", "mmdit": "MMDiT"}.get(prefix, "SiT")
+    return {"dit": "DiT", "mmdit": "MMDiT", "sd3": "SD3"}.get(prefix, "SiT")
 
 
 def parse_preset(name: str) -> dict[str, int]:
     """Config values of a preset name (case-insensitive): ``depth``, ``hidden_size``, ``num_attention_heads``,
     ``patch_size`` and ``encoder_depth`` (the aligned block, 1-based)."""
-    if preset_family(name) != "MMDiT":
+    family = preset_family(name)
+    if family == "SD3":
+        raise ValueError(f"{name} names a pretrained pipeline's transformer: pass it with --pretrained_model.")
+    if family != "MMDiT":
         return parse_sit_preset(name)
     match = _MMDIT_PATTERN.match(name.strip())
     if match is None or int(match.group(1)) < 1 or int(match.group(2)) < 1:

@@ -24,6 +24,7 @@ def _help(text: str) -> dict[str, str]:
 
 
 EncoderPrecision = Literal["fp32", "bf16", "fp16"]
+DEFAULT_VAE = "stabilityai/sd-vae-ft-mse"  # the original's (as data.DEFAULT_VAE, not imported: --help stays fast)
 
 
 @dataclass
@@ -86,8 +87,9 @@ class REPATrainingArguments:
         default="SiT-XL/2",
         metadata=_help(
             "Preset: SiT-{S,B,L,XL}/{2,4,8} (flow matching), DiT-{S,B,L,XL}/{2,4,8} (diffusers' DiT with learned "
-            "variance, trained with DiT's improved-DDPM objective), or MMDiT-<depth>/<patch> (text-to-image, the "
-            "original's sizing: width 32·depth; MMDiT-24/2 is its model; needs --caption_column)."
+            "variance, trained with DiT's improved-DDPM objective), MMDiT-<depth>/<patch> (text-to-image, the "
+            "original's sizing: width 32·depth; MMDiT-24/2 is its model; needs --caption_column), or SD3 (fine-tune "
+            "the --pretrained_model SD3/SD3.5 pipeline with its own flow matching, its text encoders and VAE)."
         ),
     )
     depth: int | None = field(default=None, metadata=_help("Override the preset's number of blocks."))
@@ -111,7 +113,10 @@ class REPATrainingArguments:
     )
     pretrained_model: str | None = field(
         default=None,
-        metadata=_help("Fine-tune a trained SiT: a pipeline folder or Hub id (its `transformer` subfolder is used)."),
+        metadata=_help(
+            "Fine-tune a trained model: a pipeline folder or Hub id (its `transformer` subfolder is used); with "
+            "--model SD3 an SD3-family pipeline, whose VAE (default: its vae/ folder) and text encoders are used."
+        ),
     )
     lora_rank: int = field(
         default=0, metadata=_help("With --pretrained_model: train rank-r LoRA adapters on the attention/MLP linears.")
@@ -162,7 +167,7 @@ class REPATrainingArguments:
         ),
     )
     resolution: int = field(default=256, metadata=_help("Image side in pixels."))
-    vae: str = field(default="stabilityai/sd-vae-ft-mse", metadata=_help("AutoencoderKL: Hub id or folder."))
+    vae: str = field(default=DEFAULT_VAE, metadata=_help("AutoencoderKL: Hub id or folder."))
     hflip: bool = field(default=False, metadata=_help("Random horizontal flips (image and latents together)."))
     dataloader_num_workers: int = field(default=4, metadata=_help("Data loading worker processes."))
 
@@ -273,12 +278,16 @@ class REPATrainingArguments:
                     f"{source} {encoder_depth} is not a block of a {depth}-block model (--depth, or {self.model}'s): "
                     f"pass --encoder_depth between 1 and {depth}."
                 )
-        if self.model.strip().lower().startswith("mmdit-"):
-            if self.caption_column is None:
-                raise ValueError(
-                    f"--model {self.model} is text-to-image: pass --caption_column (e.g. 'caption' for --dataset "
-                    "digits-captions), the captions it learns from."
-                )
+        family = self.model.strip().lower().split("-", 1)[0]
+        if family in ("mmdit", "sd3") and self.caption_column is None:
+            raise ValueError(
+                f"--model {self.model} is text-to-image: pass --caption_column (e.g. 'caption' for --dataset "
+                "digits-captions), the captions it learns from."
+            )
+        if family == "sd3":  # (without --pretrained_model, the preset check above said so)
+            if self.vae == DEFAULT_VAE and os.path.isdir(os.path.join(self.pretrained_model, "vae")):
+                self.vae = os.path.join(self.pretrained_model, "vae")  # the pipeline's own VAE
+        elif family == "mmdit":
             unsupported = {
                 "--lora_rank": self.lora_rank,
                 "--qk_norm": self.qk_norm,
@@ -290,7 +299,7 @@ class REPATrainingArguments:
             named = [flag for flag, given in unsupported.items() if given]
             if named:
                 raise ValueError(f"--model {self.model} (an MMDiT) does not support {', '.join(named)} yet; drop it.")
-        elif self.caption_column is not None:
+        elif family != "sd3" and self.caption_column is not None:
             raise ValueError(
                 f"--caption_column trains on captions, which --model {self.model} (class-conditional) cannot use: "
                 "pass --model MMDiT-<depth>/<patch>, or drop --caption_column."
@@ -318,6 +327,12 @@ class REPATrainingArguments:
     @property
     def is_text_to_image(self) -> bool:
         return self.caption_column is not None
+
+    @property
+    def caches_text_features(self) -> bool:
+        """Whether the latent cache holds the captions' text features (an MMDiT's --text_encoder); a pretrained
+        pipeline (SD3) encodes the drawn captions with its own text encoders at every step."""
+        return self.is_text_to_image and not self.model.strip().lower().startswith("sd3")
 
     @property
     def validation_prompt_list(self) -> list[str] | None:

@@ -66,7 +66,7 @@ def build_cache_loader(
             label_column=args.label_column,
             caption_column=args.caption_column,
             # Text-to-image: every caption's text features are computed once, into the cache (as the original).
-            text_encoder=args.text_encoder if args.is_text_to_image else None,
+            text_encoder=args.text_encoder if args.caches_text_features else None,
             max_samples=args.max_train_samples,
         )
     info = read_cache_info(cache_dir)
@@ -107,7 +107,7 @@ def check_cache_fits(args: REPATrainingArguments, info: LatentCacheInfo, cache_d
             "pass another --cache_dir)."
         )
     if (
-        args.is_text_to_image
+        args.caches_text_features
         and info.text_encoder is not None
         and not cache_text_encoder_matches(info, args.text_encoder)
     ):  # features of another text encoder would condition the model on what sampling never gives it

@@ -15,6 +15,7 @@ import PIL.Image
 import torch
 from diffusers import DiffusionPipeline
 from diffusers.utils import make_image_grid
+from peft.utils import get_peft_model_state_dict
 
 from ..evaluation.image_io import enlarge_small_images
 from .checkpointing import TRAINER_STATE_NAME
@@ -71,8 +72,10 @@ def write_export(
 ) -> Path:
     """Write the export into `<export_dir>.tmp`, then swap it into place, so a crash never leaves half an export.
 
-    Full training writes the whole pipeline (`SiTPipeline`, or diffusers' `DiTPipeline`); LoRA writes only the
-    adapter (`pytorch_lora_weights.safetensors`, for `pipe.load_lora_weights` on the base pipeline). Next to it: the
+    Full training writes the whole pipeline (`SiTPipeline`, `MMDiTPipeline`, or diffusers' `DiTPipeline`); LoRA writes
+    only the adapter through the pipeline class's `save_lora_weights` (`pytorch_lora_weights.safetensors`, with its
+    rank and alpha, for `pipe.load_lora_weights` on the base pipeline: a `SiTPipeline` or diffusers'
+    `StableDiffusion3Pipeline`). Next to it: the
     sample grid, the model card (a `huggingface_hub.ModelCard`), `trainer_state.json` (the step) and `extra_files`
     (name in the export → file to copy, e.g. training curves). Absolute local paths in its configs are reduced to
     their last component, so the folder is what `push_to_hub` publishes.
@@ -81,7 +84,13 @@ def write_export(
     staging = export_dir.with_name(export_dir.name + ".tmp")
     shutil.rmtree(staging, ignore_errors=True)
     if lora:
-        pipeline.transformer.save_lora_adapter(staging, weight_name=LORA_WEIGHT_NAME)
+        transformer = pipeline.transformer
+        type(pipeline).save_lora_weights(
+            staging,
+            transformer_lora_layers=get_peft_model_state_dict(transformer),
+            weight_name=LORA_WEIGHT_NAME,
+            transformer_lora_adapter_metadata=transformer.peft_config["default"].to_dict(),
+        )
     else:
         pipeline.save_pretrained(staging)
     grid.save(staging / SAMPLE_GRID_NAME)

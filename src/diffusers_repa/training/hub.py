@@ -194,6 +194,7 @@ def render_model_card(
         repo_id=repo_id,
         is_lora=is_lora,
         is_dit=family == "dit",
+        is_sd3=family == "sd3",
         is_text_to_image=args.is_text_to_image,
         text_encoder=_card_value(args.text_encoder),
         caption_column=args.caption_column,

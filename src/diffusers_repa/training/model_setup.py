@@ -13,7 +13,7 @@ from ..data import LatentCacheInfo
 from ..models.presets import parse_preset, preset_family
 from ..models.transformer_mmdit import MMDiTTransformer2DModel
 from ..models.transformer_sit import SiTTransformer2DModel
-from ..repa_head import REPAHead, TransformerWithREPAHead
+from ..repa_head import REPAHead, TransformerWithREPAHead, _unwrap
 from .arguments import REPATrainingArguments
 
 # LoRA goes on the attention and MLP linears of every block (names relative to a SiTBlock; the attention ones are
@@ -26,11 +26,17 @@ def resolve_encoder_depth(args: REPATrainingArguments) -> int:
     if args.encoder_depth is not None:
         return args.encoder_depth
     family = preset_family(args.model)
+    if family == "SD3":
+        return SD3_ENCODER_DEPTH
     if args.pretrained_model is not None and family != "DiT":
         model_class = SiTTransformer2DModel if family == "SiT" else MMDiTTransformer2DModel
         return model_class.load_config(args.pretrained_model, subfolder="transformer")["encoder_depth"]
     return parse_preset(args.model)["encoder_depth"]
 
+
+# SD3 fine-tuning aligns after block 8 unless --encoder_depth says otherwise (REPA's choice for 24-block models;
+# SD3.5-medium has 24 blocks).
+SD3_ENCODER_DEPTH = 8
 
 # diffusers' DiTPipeline draws the unconditional half of classifier-free guidance with class id 1000, so a DiT keeps
 # ImageNet's 1000-entry label table (+ the null class) whatever the dataset's classes.
@@ -162,10 +168,10 @@ def diffusion_transformer(model: nn.Module) -> nn.Module:
     return model.transformer if isinstance(model, TransformerWithREPAHead) else model
 
 
-def token_count(model: nn.Module) -> int:
-    """Image tokens T = (sample_size / patch_size)² of a SiT, a DiT or a wrapped one."""
-    config = diffusion_transformer(model).config
-    return (config.sample_size // config.patch_size) ** 2
+def token_count(model: nn.Module, latent_size: int) -> int:
+    """Image tokens T = (latent_size / patch_size)² of a transformer (or a wrapped one) on latent_size² inputs (its
+    config's sample_size for SiT, DiT and MMDiT; SD3 crops its position table to any size)."""
+    return (latent_size // diffusion_transformer(_unwrap(model)).config.patch_size) ** 2
 
 
 def build_model(

@@ -157,13 +157,6 @@ def prepare_transformer(
     return TransformerWithREPAHead(transformer, head)
 
 
-def image_token_count(model: nn.Module, latent_size: int) -> int:
-    """Image tokens of the SD3 transformer in `model` on `latent_size`² latents: ``(latent_size / patch_size)²``.
-    Unlike SiT's count, it is not the config's `sample_size`: SD3 crops its position table to each resolution's
-    latents."""
-    return (latent_size // diffusion_transformer(_unwrap(model)).config.patch_size) ** 2
-
-
 class SD3FlowObjective(REPAFlowObjective):
     """SD3's flow-matching loss as diffusers' training examples compute it, plus λ · REPA alignment.
 
@@ -277,13 +270,6 @@ class SD3FlowObjective(REPAFlowObjective):
         )
         # u < 1 in exact arithmetic; the clamp keeps a float32 sigmoid that rounds to 1 inside the table.
         return (u * self.num_train_timesteps).long().clamp(max=self.num_train_timesteps - 1)
-
-    def __call__(
-        self, model: nn.Module, batch: dict[str, torch.Tensor | list[str]], generator: torch.Generator, step: int
-    ) -> REPALossOutput:
-        x_0 = self.clean_inputs(batch, generator)
-        targets = self.encode_targets(batch["image"]) if self.aligns_at(step) else []
-        return self.loss(model, x_0, self.condition(batch, generator), targets, generator)
 
     def loss(
         self,

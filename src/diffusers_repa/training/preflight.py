@@ -47,8 +47,8 @@ def default_cache_dir(args: REPATrainingArguments) -> Path:
     parts = [args.dataset, args.dataset_split, f"{args.resolution}px", args.vae]
     if args.max_train_samples is not None:
         parts.append(f"first{args.max_train_samples}")
-    if args.is_text_to_image:  # the captions and their text features are part of the cache
-        parts += [args.caption_column, args.text_encoder]
+    if args.is_text_to_image:  # the captions (and an MMDiT's text features) are part of the cache
+        parts += [args.caption_column] + ([args.text_encoder] if args.caches_text_features else [])
     name = "-".join(part.strip("/").replace("/", "--") for part in parts)
     return Path(hub_constants.HF_HOME) / "diffusers_repa" / "latents" / name
 
@@ -130,7 +130,7 @@ def _read_sources(args: REPATrainingArguments, need_dataset: bool) -> _SourceRep
         stride = TOKEN_STRIDE if spec is not None else getattr(config, TOKEN_STRIDE_CONFIG_KEY, TOKEN_STRIDE)
         if isinstance(stride, int) and stride > 0:  # anything else is `load_encoder`'s error to report
             report.encoder_strides[name] = stride
-    if args.is_text_to_image and not _is_local(args.text_encoder):
+    if args.caches_text_features and not _is_local(args.text_encoder):
         try:  # a CLIP repo (its config at the root) or a pipeline's (text_encoder/)
             try:
                 AutoConfig.from_pretrained(args.text_encoder)
@@ -170,7 +170,9 @@ def _check_shapes(args: REPATrainingArguments, report: _SourceReport) -> None:
         model, patch_size = f"--model {args.model}", parse_preset(args.model)["patch_size"]
     else:
         model, patch_size = f"--pretrained_model {args.pretrained_model}", pretrained["patch_size"]
-        if (pretrained["sample_size"], pretrained["in_channels"]) != (latent_size, channels):
+        # SD3 crops its position table to any resolution's latents: only the channels must fit.
+        size = latent_size if args.model.strip().lower().startswith("sd3") else pretrained["sample_size"]
+        if (size, pretrained["in_channels"]) != (latent_size, channels):
             raise ValueError(
                 f"{model} works on {pretrained['in_channels']}×{pretrained['sample_size']}² inputs, but --resolution "
                 f"{args.resolution} with {vae} gives {channels}×{latent_size}²: use the VAE and resolution of its "
@@ -221,7 +223,7 @@ def check_sources_reachable(args: REPATrainingArguments, *, need_dataset: bool) 
     names = [] if is_pixel_space_vae(args.vae) else [args.vae]
     names += args.encoder_names if args.proj_coeff > 0 else []
     names += [args.dataset] if need_dataset else []
-    names += [args.text_encoder] if args.is_text_to_image else []
+    names += [args.text_encoder] if args.caches_text_features else []
     names += [args.pretrained_model] if args.pretrained_model is not None else []
     offline = hub_constants.HF_HUB_OFFLINE
     unreachable = None if offline or all(_is_local(name) for name in names) else _hub_unreachable_reason()

@@ -69,6 +69,7 @@ from .hub import SampleGridInfo, push_export_to_hub, render_model_card
 from .model_setup import build_model, build_optimizer, diffusion_transformer, resolve_encoder_depth, token_count
 from .objectives import DDPMObjective, REPAFlowObjective, TextToImageObjective
 from .periodic_eval import EVAL_PLOT_NAME, PeriodicEvaluation, evaluation_captions
+from .pipeline_finetune import SD3FlowObjective, load_finetune_pipeline, prepare_transformer
 from .run_lock import acquire_run_lock
 from .run_settings import check_resume_settings, result_settings
 from .step import TrainingStep
@@ -173,20 +174,34 @@ class REPATrainer:
             if args.proj_coeff > 0
             else []
         )
-        self.vae = None if info.pixel_space else AutoencoderKL.from_pretrained(args.vae).to(device).eval()
-        # Text-to-image: the frozen text encoder (for the export, prompts and caches without text features).
+        self.family = preset_family(args.model)
+        projection_dims = tuple(encoder.embed_dim for encoder in self.encoders)
+        # Text-to-image: an MMDiT's frozen text encoder (for the export, prompts and caches without text features).
         self.tokenizer = self.text_encoder = None
-        if args.is_text_to_image:
+        if args.caches_text_features:
             self.tokenizer, self.text_encoder = load_text_encoder(args.text_encoder, device=device)
-        model = build_model(
-            args,
-            info,
-            projection_dims=tuple(encoder.embed_dim for encoder in self.encoders),
-            text_dim=self.text_encoder.config.hidden_size if self.text_encoder is not None else None,
-        )
+        # A pretrained SD3-family pipeline brings its transformer (made trainable: LoRA or full weights, plus a
+        # REPA head), its frozen text encoders and its VAE.
+        self.finetuned_pipeline = None
+        if self.family == "SD3":
+            self.finetuned_pipeline = load_finetune_pipeline(args.pretrained_model, device=device)
+            self.vae = self.finetuned_pipeline.vae
+            model = prepare_transformer(
+                self.finetuned_pipeline,
+                projection_dims=projection_dims,
+                encoder_depth=args.encoder_depth,
+                projector_dim=args.projector_dim,
+                lora_rank=args.lora_rank if args.use_lora else None,
+                lora_alpha=args.lora_alpha,
+            )
+        else:
+            self.vae = None if info.pixel_space else AutoencoderKL.from_pretrained(args.vae).to(device).eval()
+            text_dim = self.text_encoder.config.hidden_size if self.text_encoder is not None else None
+            model = build_model(args, info, projection_dims, text_dim)
+        num_tokens = token_count(model, info.latent_size)
         if not args.interpolate_targets:
             for encoder in self.encoders:
-                check_token_grid(encoder, token_count(model))
+                check_token_grid(encoder, num_tokens)
         if args.gradient_checkpointing:
             diffusion_transformer(model).enable_gradient_checkpointing()
         model.to(device).train()  # label dropout (classifier-free guidance) happens inside the model in train mode
@@ -212,15 +227,18 @@ class REPATrainer:
         shift, scale = latent_shift_and_scale(
             info.scaling_factor, info.shift_factor, info.latents_mean, info.latents_std
         )
-        # The objective of the model family: SiT's flow matching, DiT's improved DDPM (same inputs and targets), or
-        # the flow matching of a text-to-image MMDiT, conditioned on caption features with caption dropout.
-        self.family = preset_family(args.model)
+        # The objective of the model family: SiT's flow matching, DiT's improved DDPM (same inputs and targets), the
+        # flow matching of a text-to-image MMDiT conditioned on caption features with caption dropout, or SD3's own
+        # flow matching (diffusers' training examples) on the pipeline's text encoders' features.
         self.is_dit = self.family == "DiT"
         objective_class, objective_kwargs = REPAFlowObjective, {}
-        if not self.is_dit:
+        if self.family in ("SiT", "MMDiT"):
             objective_kwargs = {"path_type": args.path_type, "time_sampling": args.time_sampling}
         if self.is_dit:
             objective_class = DDPMObjective
+        elif self.family == "SD3":
+            objective_class = SD3FlowObjective
+            objective_kwargs = {"pipeline": self.finetuned_pipeline, "caption_dropout_prob": args.cfg_prob}
         elif args.is_text_to_image:
             objective_class = TextToImageObjective
             objective_kwargs.update(
@@ -229,11 +247,11 @@ class REPATrainer:
                 encode_text=None if info.text_encoder is not None else self._encode_captions,
             )
         self.objective = objective_class(
-            self.encoders,
+            encoders=self.encoders,
             proj_coeff=args.proj_coeff,
             latent_shift=shift.to(device),
             latent_scale=scale.to(device),
-            target_num_tokens=token_count(self.unwrapped_model) if args.interpolate_targets else None,
+            target_num_tokens=num_tokens if args.interpolate_targets else None,
             alignment_stop_step=args.alignment_stop_step,
             autocast=accelerator.autocast,
             **objective_kwargs,
@@ -405,7 +423,12 @@ class REPATrainer:
     def make_pipeline(self, scheduler: SchedulerMixin) -> SiTPipeline | DiTPipeline | MMDiTPipeline:
         """The inference pipeline of the EMA weights: a `SiTPipeline` (with the VAE, none in pixel space), for a DiT
         diffusers' `DiTPipeline`, with the dataset's class names, or for text-to-image an `MMDiTPipeline` with the
-        tokenizer and text encoder (call `sync_ema_model()` on every process first)."""
+        tokenizer and text encoder, or the fine-tuned SD3-family pipeline with the EMA transformer (call
+        `sync_ema_model()` on every process first)."""
+        if self.finetuned_pipeline is not None:
+            components = self.finetuned_pipeline.components
+            transformer = diffusion_transformer(self.ema_model)  # the REPA head is a training-only part
+            return type(self.finetuned_pipeline)(**{**components, "transformer": transformer, "scheduler": scheduler})
         if self.args.is_text_to_image:
             return MMDiTPipeline(
                 transformer=self.ema_model,
@@ -459,9 +482,17 @@ class REPATrainer:
         1000-step linear β schedule (diffusers' defaults), without its learned variance."""
         if self.is_dit:
             return DPMSolverMultistepScheduler()
+        if self.finetuned_pipeline is not None:  # the pipeline's own sampler (a fresh copy: sampling sets its steps)
+            return type(self.finetuned_pipeline.scheduler).from_config(self.finetuned_pipeline.scheduler.config)
         if self.args.validation_sampler == "ode" and not export:
             return SiTODEScheduler()
         return SiTSDEScheduler(path_type=self.args.path_type)
+
+    def _sampler_name(self) -> str:
+        """The exported pipeline's sampler, as the card names it."""
+        if self.finetuned_pipeline is not None:
+            return type(self.finetuned_pipeline.scheduler).__name__
+        return "dpm-solver++" if self.is_dit else "sde"
 
     def log_validation(self) -> Path | None:
         """Sample the validation grid from the EMA weights, save it as samples/step-<step>.png and log it
@@ -620,7 +651,7 @@ class REPATrainer:
             pipeline = self.make_pipeline(self._sampling_scheduler(export=True))
             grid = self.sample_grid(pipeline)
             grid_info = SampleGridInfo(
-                "samples.png", self.validation_conditions, "dpm-solver++" if self.is_dit else "sde",
+                "samples.png", self.validation_conditions, self._sampler_name(),
                 args.validation_inference_steps,
                 args.validation_guidance_scale,
             )  # fmt: skip
