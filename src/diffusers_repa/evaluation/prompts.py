@@ -55,7 +55,8 @@ def load_dataset_captions(
     **load_kwargs,
 ) -> list[str]:
     """The captions of a dataset, in its row order: a Hub id, a local folder of data files (``.jsonl``, ``.csv``,
-    ``.parquet``, ...) or a folder written by ``save_to_disk``.
+    ``.parquet``, ...), an image folder with a ``metadata.jsonl`` (or ``.csv``, ``.parquet``: read alone, as
+    `prepare_coco.py` writes it) or a folder written by ``save_to_disk``.
 
     A row whose caption column holds a list (COCO's five captions per image) contributes its first caption, so every
     image of a split gives one prompt. Captions are stripped of surrounding white space.
@@ -70,9 +71,14 @@ def load_dataset_captions(
     import datasets
 
     path = Path(dataset).expanduser()
+    metadata = [path / f"metadata.{suffix}" for suffix in ("jsonl", "csv", "parquet")] if path.is_dir() else []
+    metadata = [file for file in metadata if file.is_file()]
     if path.is_dir() and any((path / name).is_file() for name in ("dataset_info.json", "dataset_dict.json")):
         loaded = datasets.load_from_disk(str(path))
         splits = list(loaded) if isinstance(loaded, datasets.DatasetDict) else None
+    elif metadata:  # an image folder with captions (e.g. prepare_coco.py's val2014/): its metadata, images unread
+        builder = {".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}[metadata[0].suffix]
+        loaded, splits = datasets.load_dataset(builder, data_files=str(metadata[0]), split="train"), None
     else:
         loaded, splits = None, datasets.get_dataset_split_names(str(dataset), **load_kwargs)
     if splits is not None:
