@@ -29,8 +29,8 @@ from diffusers_repa.data import (
     read_cache_info,
     write_coco_captions_metadata,
 )
-from diffusers_repa.models.tiny_text_encoder import TINY_CLIP_WIDTH, save_tiny_clip
-from diffusers_repa.text_encoding import CLIP_MAX_LENGTH, encode_text, load_text_encoder
+from diffusers_repa.models.tiny_text_encoder import TINY_CLIP_MAX_LENGTH, TINY_CLIP_WIDTH, save_tiny_clip
+from diffusers_repa.text_encoding import encode_text, load_text_encoder
 
 from .conftest import load_script
 
@@ -79,8 +79,8 @@ def test_encode_text_is_clip_last_hidden_state_over_padded_tokens(tiny_clip):
     tokenizer, text_encoder = tiny_clip
     texts = ["a cat", "a dog on a mat", ""]
     features = encode_text(tokenizer, text_encoder, texts)
-    assert features.shape == (3, CLIP_MAX_LENGTH, TINY_CLIP_WIDTH) and not features.requires_grad
-    ids = tokenizer(texts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    assert features.shape == (3, TINY_CLIP_MAX_LENGTH, TINY_CLIP_WIDTH) and not features.requires_grad
+    ids = tokenizer(texts, padding="max_length", max_length=32, truncation=True, return_tensors="pt").input_ids
     with torch.no_grad():
         torch.testing.assert_close(features, text_encoder(ids).last_hidden_state, rtol=0, atol=0)
     # Truncated to max_length: the first 10 tokens are the same sequence's.
@@ -216,7 +216,7 @@ def test_digits_caption_cache_stores_every_caption_and_its_features(digits_capti
     info = read_cache_info(digits_caption_cache)
     assert info.has_captions and info.has_text_features and info.pixel_space
     assert (info.caption_column, info.num_captions, info.num_classes) == ("caption", 3 * NUM_DIGITS, 10)
-    assert (info.text_encoder, info.text_features_shape) == ("tiny-clip", [CLIP_MAX_LENGTH, TINY_CLIP_WIDTH])
+    assert (info.text_encoder, info.text_features_shape) == ("tiny-clip", [TINY_CLIP_MAX_LENGTH, TINY_CLIP_WIDTH])
     assert info.shard_num_samples == [20, 20, 8] and info.source["caption_column"] == "caption"
     # The record holds no path of this machine, and reads back as it was written.
     text = (digits_caption_cache / "cache_info.json").read_text()
@@ -234,7 +234,7 @@ def test_digits_caption_cache_stores_every_caption_and_its_features(digits_capti
         torch.testing.assert_close(row["text_features"], expected, rtol=0, atol=0)
 
     empty = load_empty_text_features(digits_caption_cache)
-    assert empty.shape == (1, CLIP_MAX_LENGTH, TINY_CLIP_WIDTH) and empty.dtype == torch.float32
+    assert empty.shape == (1, TINY_CLIP_MAX_LENGTH, TINY_CLIP_WIDTH) and empty.dtype == torch.float32
     torch.testing.assert_close(empty, features_of(tiny_clip, [""]), rtol=0, atol=0)
 
 
@@ -253,7 +253,7 @@ def test_loader_features_are_the_drawn_captions(digits_caption_cache, tiny_clip)
     assert len(batches) == 3
     for start, batch in zip(range(0, NUM_DIGITS, 16), batches):
         assert set(batch) == {"image", "label", "caption", "text_features"}
-        assert batch["text_features"].shape == (16, CLIP_MAX_LENGTH, TINY_CLIP_WIDTH)
+        assert batch["text_features"].shape == (16, TINY_CLIP_MAX_LENGTH, TINY_CLIP_WIDTH)
         assert batch["text_features"].dtype == torch.float32
         _, labels = load_digits_arrays()
         assert batch["label"].tolist() == labels[order[start : start + 16]].tolist()
@@ -383,6 +383,9 @@ def test_prepare_dataset_builds_a_caption_cache(tmp_path, capsys):
     )  # fmt: skip
     summary = json.loads(capsys.readouterr().out)
     assert (summary["num_samples"], summary["num_captions"], summary["num_classes"]) == (10, 30, 10)
-    assert summary["text_encoder"] == "tiny-clip" and summary["text_features_shape"] == [77, TINY_CLIP_WIDTH]
+    assert summary["text_encoder"] == "tiny-clip" and summary["text_features_shape"] == [
+        TINY_CLIP_MAX_LENGTH,
+        TINY_CLIP_WIDTH,
+    ]
     with pytest.raises(SystemExit):
         script.parse_args(["--dataset", "digits", "--output_dir", str(output), "--text_encoder", "tiny-clip"])
