@@ -36,9 +36,8 @@ from benchmarks.common import (
     write_report,
 )
 from diffusers_repa.data import DIGITS_CAPTIONS_DATASET, build_latent_cache, load_latent_cache, make_train_dataloader
+from diffusers_repa.precision import MIXED_PRECISIONS, autocast_dtype
 from diffusers_repa.text_encoding import encode_text, load_text_encoder
-
-_AUTOCAST_DTYPES = {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def build_caches(work_dir: Path, args: argparse.Namespace) -> tuple[Path, Path]:
@@ -89,14 +88,14 @@ def main() -> None:
     parser.add_argument("--work_dir", default=None, help="Where the caches go (default: a temporary folder).")
     parser.add_argument("--resolution", type=int, default=8, help="Crop side of the digits caches.")
     parser.add_argument("--batch_size", type=int, default=256)
-    parser.add_argument("--mixed_precision", default="no", choices=sorted(_AUTOCAST_DTYPES), help="Text encoder.")
+    parser.add_argument("--mixed_precision", default="no", choices=MIXED_PRECISIONS, help="Text encoder.")
     parser.add_argument("--num_batches", type=int, default=10, help="Batches per timed block.")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=2)
     add_run_arguments(parser, "text_features.json/.md")
     args = parser.parse_args()
     device = setup_run(args)
-    autocast_dtype = _AUTOCAST_DTYPES[args.mixed_precision]
+    encoder_autocast_dtype = autocast_dtype(args.mixed_precision)
 
     with tempfile.TemporaryDirectory() as temp_dir:
         with_features, captions_only = build_caches(Path(args.work_dir or temp_dir), args)
@@ -111,7 +110,7 @@ def main() -> None:
 
         def on_the_fly() -> torch.Tensor:
             captions = caption_batch()["caption"]
-            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            with torch.autocast(device.type, dtype=encoder_autocast_dtype, enabled=encoder_autocast_dtype is not None):
                 return encode_text(tokenizer, text_encoder, captions, device=device).float()
 
         rows = [{"variant": "cached", **measure(cached, device, args)}]

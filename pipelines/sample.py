@@ -87,10 +87,11 @@ def main(argv: list[str] | None = None) -> None:
     from diffusers_repa.evaluation.generate import load_generation_pipeline
     from diffusers_repa.evaluation.image_io import enlarge_small_images
     from diffusers_repa.pipelines.pipeline_mmdit import MMDiTPipeline
+    from diffusers_repa.precision import DTYPES
     from diffusers_repa.schedulers import SiTODEScheduler, SiTSDEScheduler
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+    dtype = DTYPES[args.dtype]
     pipe = load_generation_pipeline(str(args.model), dtype=dtype).to(device)
     if isinstance(pipe, MMDiTPipeline) != (args.prompt is not None):
         raise ValueError(

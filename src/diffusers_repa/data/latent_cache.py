@@ -60,6 +60,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from ..atomic_files import write_file_atomically, write_text_atomically
 from ..models.tiny_text_encoder import save_tiny_clip, tiny_clip_path
+from ..precision import autocast_dtype
 from ..text_encoding import TINY_CLIP_NAME, encode_text, load_text_encoder
 from .preprocessing import center_crop_imagenet, decode_image
 from .sources import describe_source, load_image_source
@@ -95,7 +96,6 @@ _SETTINGS_FILE = "settings.json"
 # Captions and text features are new optional fields and columns: class caches are unchanged, so still 2.
 _FORMAT_VERSION = 2
 _NO_VAE = "none"
-_AUTOCAST_DTYPES = {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 @dataclass
@@ -940,8 +940,7 @@ def build_latent_cache(
     Returns:
         ``output_dir`` as a ``Path``; read it with :func:`load_latent_cache` / :func:`read_cache_info`.
     """
-    if mixed_precision not in _AUTOCAST_DTYPES:
-        raise ValueError(f"mixed_precision must be one of {sorted(_AUTOCAST_DTYPES)}, got {mixed_precision!r}.")
+    encode_dtype = autocast_dtype(mixed_precision)  # checked before any work
     if batch_size <= 0 or num_workers < 0:
         raise ValueError(f"batch_size must be positive and num_workers >= 0 (got {batch_size}, {num_workers}).")
     if shard_size is not None and num_shards is not None:
@@ -1046,7 +1045,7 @@ def build_latent_cache(
             resolution,
             batch_size,
             state.device,
-            _AUTOCAST_DTYPES[mixed_precision],
+            encode_dtype,
             executor,
             progress,
             source_root,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import torch
 from diffusers import DiTTransformer2DModel
+from diffusers.configuration_utils import FrozenDict
 from peft import LoraConfig
 from torch import nn
 
@@ -102,16 +103,21 @@ def init_dit_weights(dit: DiTTransformer2DModel) -> None:
         nn.init.zeros_(layer.bias)
 
 
+def _check_pretrained_inputs(config: FrozenDict, info: LatentCacheInfo, name: str) -> None:
+    """A pretrained transformer's inputs (its config's sample_size and in_channels) must be the cache's latents."""
+    if (config.sample_size, config.in_channels) != (info.latent_size, info.latent_channels):
+        raise ValueError(
+            f"{name} works on {config.in_channels}×{config.sample_size}² inputs, the cache holds "
+            f"{info.latent_channels}×{info.latent_size}²: use the VAE and resolution of its training."
+        )
+
+
 def _pretrained_dit(args: REPATrainingArguments, info: LatentCacheInfo) -> DiTTransformer2DModel:
     """The `--pretrained_model` DiT (a DiTPipeline folder or Hub id, e.g. diffusers' conversion of the official
     DiT-XL-2-256), checked against the cache: learned variance, the latents' size and channels, DiTPipeline's labels."""
     dit = DiTTransformer2DModel.from_pretrained(args.pretrained_model, subfolder="transformer")
     config, name = dit.config, f"--pretrained_model {args.pretrained_model}"
-    if (config.sample_size, config.in_channels) != (info.latent_size, info.latent_channels):
-        raise ValueError(
-            f"{name} works on {config.in_channels}×{config.sample_size}² latents, the cache holds "
-            f"{info.latent_channels}×{info.latent_size}²: use the VAE and resolution of its training."
-        )
+    _check_pretrained_inputs(config, info, name)
     if config.out_channels != 2 * config.in_channels or config.num_embeds_ada_norm != DIT_NUM_CLASSES:
         raise ValueError(
             f"{name} is not a class-conditional DiT with learned variance ({2 * config.in_channels} output channels, "
@@ -135,11 +141,7 @@ def build_mmdit(
     if args.pretrained_model is not None:
         model = MMDiTTransformer2DModel.from_pretrained(args.pretrained_model, subfolder="transformer")
         config, name = model.config, f"--pretrained_model {args.pretrained_model}"
-        if (config.sample_size, config.in_channels) != (info.latent_size, info.latent_channels):
-            raise ValueError(
-                f"{name} works on {config.in_channels}×{config.sample_size}² inputs, the cache holds "
-                f"{info.latent_channels}×{info.latent_size}²: use the VAE and resolution of its training."
-            )
+        _check_pretrained_inputs(config, info, name)
         if config.joint_attention_dim != text_dim:
             raise ValueError(
                 f"{name} reads {config.joint_attention_dim}-wide text features, --text_encoder {args.text_encoder} "

@@ -1,5 +1,5 @@
-"""REPATrainer: trains a SiT (or a DiT, or a text-to-image MMDiT) with REPA on a latent (or pixel) cache with
-accelerate — the loop around the step.
+"""REPATrainer: trains a SiT (or a DiT, a text-to-image MMDiT, or a pretrained SD3 pipeline's transformer) with REPA
+on a latent (or pixel) cache with accelerate — the loop around the step.
 
     for step in range(start, max_train_steps):
         training_step(micro_batches, step)     step.py: loss (objective) → backward → clip → finite? → AdamW → EMA
@@ -52,6 +52,7 @@ from ..latents import latent_shift_and_scale
 from ..models.presets import preset_family
 from ..pipelines.pipeline_mmdit import MMDiTPipeline
 from ..pipelines.pipeline_sit import SiTPipeline
+from ..precision import DTYPES
 from ..schedulers import SiTODEScheduler, SiTSDEScheduler
 from ..text_encoding import encode_text, load_text_encoder
 from .arguments import REPATrainingArguments
@@ -84,15 +85,15 @@ EMA_WEIGHTS_NAME = "ema.safetensors"
 # diffusers' EMAModel, the run's settings recorded. Optimizer states follow the parameter order, so a checkpoint
 # of another format cannot continue in this version.
 CHECKPOINT_FORMAT = 2
-ENCODER_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class REPATrainer:
-    """Trains a [`SiTTransformer2DModel`] with the REPA objective; `train()` runs it and exports the result.
+    """Trains a model of `--model`'s family with its objective plus REPA; `train()` runs it and exports the result.
 
     Everything is built in the constructor, in this order: accelerator and seeds; a check that the dataset and models
     can be read (before anything heavy); the latent cache (built once into `--cache_dir`, reused after); encoders,
-    VAE (none for a pixel-space cache) and model; optimizer and loader (prepared by accelerate); EMA; the training
+    text encoder (an MMDiT's) or the pretrained pipeline (SD3), VAE (none for a pixel-space cache) and model; optimizer
+    and loader (prepared by accelerate); EMA; the objective (`objectives.py`, or `SD3FlowObjective`) and the training
     step; and, with `--resume_from_checkpoint`, the saved state.
 
     Args:
@@ -168,9 +169,7 @@ class REPATrainer:
         # transformer, and a plain copy of it that holds the EMA weights for sampling.
         device = accelerator.device
         self.encoders = (
-            load_encoders(
-                args.encoder_names, args.resolution, dtype=ENCODER_DTYPES[args.encoder_precision], device=device
-            )
+            load_encoders(args.encoder_names, args.resolution, dtype=DTYPES[args.encoder_precision], device=device)
             if args.proj_coeff > 0
             else []
         )
@@ -637,7 +636,7 @@ class REPATrainer:
 
     @property
     def export_dir(self) -> Path:
-        """`output_dir/pipeline` (a full SiTPipeline) or, with LoRA, `output_dir/lora` (the adapter only)."""
+        """`output_dir/pipeline` (the whole pipeline) or, with LoRA, `output_dir/lora` (the adapter only)."""
         return self.output_dir / ("lora" if self.args.use_lora else "pipeline")
 
     def save_export(self, metrics: dict[str, float] | None = None) -> Path:
