@@ -203,8 +203,8 @@ def test_sd3_lora_with_repa_trains_resumes_exactly_and_the_adapter_loads_into_th
     for name, value in base.items():  # the pretrained weights stay as they were
         assert "lora" in name or torch.equal(after[name], value), name
     moved = [name for name, value in base.items() if "lora" in name and not torch.equal(after[name], value)]
-    # All adapters but the last block's text-query one train (SD3 drops that block's text outputs, so it gets no
-    # gradient, as in diffusers' own SD3 LoRA example).
+    # All adapters but the last block's text-query one train (SD3 drops that block's text outputs, so its gradient is
+    # zero, as in diffusers' own SD3 LoRA example).
     assert len(moved) == sum("lora" in name for name in base) - 2
 
     REPATrainer(sd3_args(encoder, tiny_sd3, tmp_path, "resumed", max_train_steps=2)).train()

@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from diffusers_repa.encoders import save_tiny_random_encoder
+from diffusers_repa.models.tiny_pipelines import build_tiny_sd3_pipeline
 from diffusers_repa.models.tiny_vae import save_tiny_random_vae
 from diffusers_repa.pipelines.pipeline_sit import SiTPipeline
 from diffusers_repa.training import (
@@ -282,3 +283,57 @@ def test_two_process_run_resumes_like_an_uninterrupted_one(tmp_path):
     for name in ("model.safetensors", "ema.safetensors"):
         expected = load_file(straight / "checkpoint-8" / name)
         torch.testing.assert_close(load_file(resumed / "checkpoint-8" / name), expected, rtol=0, atol=0)
+
+
+@pytest.mark.slow
+def test_full_text_to_image_quickstart_draws_the_digits_its_captions_name(tmp_path):
+    output_dir = tmp_path / "mmdit-repa-quickstart"
+    result = run_script("--config", "training/configs/quickstart-t2i.yaml", "--output_dir", str(output_dir))
+    assert result.returncode == 0, result.stderr[-3000:]
+    final = (output_dir / "eval.csv").read_text().splitlines()[-1].split(",")
+    assert final[0] == "2000" and float(final[2]) >= 0.9  # 100 samples drawn for training captions of every digit
+    assert (output_dir / "pipeline" / "text_encoder").is_dir()
+
+
+def test_two_process_text_to_image_run_resumes_like_an_uninterrupted_one(tmp_path):
+    """The quickstart MMDiT under DDP (gloo, CPU): cached caption features, captions drawn per (seed, epoch, index)
+    and caption dropout from the step's generator continue exactly after a resume."""
+    launcher = ("-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533")
+    env = {"ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    common = ["--config", "training/configs/quickstart-t2i.yaml", "--max_train_samples", "256"]
+    common += ["--checkpointing_steps", "4", "--validation_steps", "100", "--eval_steps", "100"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    result = run_script(*common, "--output_dir", str(straight), "--max_train_steps", "8", env=env, launcher=launcher)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "32 per device × 2 processes" in result.stderr
+
+    resumed.mkdir()
+    shutil.copytree(straight / "checkpoint-4", resumed / "checkpoint-4")
+    result = run_script(
+        *common, "--output_dir", str(resumed), "--max_train_steps", "8", "--resume_from_checkpoint", "latest",
+        env=env, launcher=launcher,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    for name in ("model.safetensors", "ema.safetensors"):
+        expected = load_file(straight / "checkpoint-8" / name)
+        torch.testing.assert_close(load_file(resumed / "checkpoint-8" / name), expected, rtol=0, atol=0)
+
+
+def test_two_process_sd3_lora_fine_tune_from_the_command_line(tmp_path):
+    """`--model SD3 --lora_rank` from the command line under DDP (gloo, CPU): a tiny random SD3 pipeline, its VAE and
+    text encoders, trains, checkpoints and exports its adapter."""
+    pipeline = build_tiny_sd3_pipeline(tmp_path / "tiny-sd3")
+    encoder = save_tiny_random_encoder("dinov2", tmp_path / "encoder", hidden_size=32, num_hidden_layers=1)
+    launcher = ("-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29535")
+    env = {"ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    result = run_script(
+        "--model", "SD3", "--pretrained_model", str(pipeline), "--lora_rank", "4", "--dataset", "digits-captions",
+        "--caption_column", "caption", "--max_train_samples", "16", "--resolution", "64", "--encoder", str(encoder),
+        "--interpolate_targets", "--encoder_depth", "1", "--projector_dim", "16", "--max_train_steps", "2",
+        "--global_batch_size", "4", "--mixed_precision", "no", "--report_to", "none", "--dataloader_num_workers", "0",
+        "--num_validation_images", "2", "--validation_inference_steps", "2", "--output_dir", str(tmp_path / "run"),
+        env=env, launcher=launcher,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "run" / "lora" / "pytorch_lora_weights.safetensors").is_file()
+    assert (tmp_path / "run" / "checkpoint-2").is_dir()
