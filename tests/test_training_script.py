@@ -251,38 +251,43 @@ def test_full_quickstart_from_the_readme_draws_the_digits_it_is_asked_for(tmp_pa
     assert f"class_accuracy {float(final[2]):.4g}" in result.stdout.splitlines()[-2]  # the run's last lines say it
 
 
-def test_two_process_run_resumes_like_an_uninterrupted_one(tmp_path):
-    """DDP over gloo on CPU (torchrun; accelerate picks MULTI_CPU with ACCELERATE_USE_CPU)."""
-    launcher = ("-m", "torch.distributed.run", "--nproc_per_node", "2")
-    env = {"ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
-    common = [
-        "--config",
-        "training/configs/quickstart.yaml",
-        "--checkpointing_steps",
-        "4",
-        "--validation_steps",
-        "100",
-        "--eval_num_samples",
-        "20",
-        "--eval_inference_steps",
-        "2",
-    ]
+TWO_PROCESSES = ("-m", "torch.distributed.run", "--nproc_per_node", "2")
+TWO_CPU_PROCESSES_ENV = {"ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}  # accelerate picks MULTI_CPU (gloo)
+
+
+def assert_two_process_resume_is_exact(tmp_path: Path, common: list[str], port: str) -> None:
+    """Run `common` for 8 steps on 2 processes straight, and again from a copy of its step-4 checkpoint: the step-8
+    checkpoints' weights and EMA are identical."""
+    launcher, env = (*TWO_PROCESSES, "--master_port", port), TWO_CPU_PROCESSES_ENV
+    common = [*common, "--checkpointing_steps", "4", "--validation_steps", "100", "--max_train_steps", "8"]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    result = run_script(*common, "--output_dir", str(straight), "--max_train_steps", "8", env=env, launcher=launcher)
+    result = run_script(*common, "--output_dir", str(straight), env=env, launcher=launcher)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "32 per device × 2 processes" in result.stderr
 
     resumed.mkdir()
     shutil.copytree(straight / "checkpoint-4", resumed / "checkpoint-4")
     result = run_script(
-        *common, "--output_dir", str(resumed), "--max_train_steps", "8", "--resume_from_checkpoint", "latest",
-        env=env, launcher=launcher,
-    )  # fmt: skip
+        *common, "--output_dir", str(resumed), "--resume_from_checkpoint", "latest", env=env, launcher=launcher
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Resumed from" in result.stderr
     for name in ("model.safetensors", "ema.safetensors"):
         expected = load_file(straight / "checkpoint-8" / name)
         torch.testing.assert_close(load_file(resumed / "checkpoint-8" / name), expected, rtol=0, atol=0)
+
+
+def test_two_process_run_resumes_like_an_uninterrupted_one(tmp_path):
+    """DDP over gloo on CPU (torchrun; accelerate picks MULTI_CPU with ACCELERATE_USE_CPU)."""
+    common = [
+        "--config",
+        "training/configs/quickstart.yaml",
+        "--eval_num_samples",
+        "20",
+        "--eval_inference_steps",
+        "2",
+    ]
+    assert_two_process_resume_is_exact(tmp_path, common, port="29531")
 
 
 @pytest.mark.slow
@@ -298,25 +303,8 @@ def test_full_text_to_image_quickstart_draws_the_digits_its_captions_name(tmp_pa
 def test_two_process_text_to_image_run_resumes_like_an_uninterrupted_one(tmp_path):
     """The quickstart MMDiT under DDP (gloo, CPU): cached caption features, captions drawn per (seed, epoch, index)
     and caption dropout from the step's generator continue exactly after a resume."""
-    launcher = ("-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533")
-    env = {"ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
-    common = ["--config", "training/configs/quickstart-t2i.yaml", "--max_train_samples", "256"]
-    common += ["--checkpointing_steps", "4", "--validation_steps", "100", "--eval_steps", "100"]
-    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    result = run_script(*common, "--output_dir", str(straight), "--max_train_steps", "8", env=env, launcher=launcher)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "32 per device × 2 processes" in result.stderr
-
-    resumed.mkdir()
-    shutil.copytree(straight / "checkpoint-4", resumed / "checkpoint-4")
-    result = run_script(
-        *common, "--output_dir", str(resumed), "--max_train_steps", "8", "--resume_from_checkpoint", "latest",
-        env=env, launcher=launcher,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
-    for name in ("model.safetensors", "ema.safetensors"):
-        expected = load_file(straight / "checkpoint-8" / name)
-        torch.testing.assert_close(load_file(resumed / "checkpoint-8" / name), expected, rtol=0, atol=0)
+    common = ["--config", "training/configs/quickstart-t2i.yaml", "--max_train_samples", "256", "--eval_steps", "100"]
+    assert_two_process_resume_is_exact(tmp_path, common, port="29533")
 
 
 def test_two_process_sd3_lora_fine_tune_from_the_command_line(tmp_path):
@@ -324,15 +312,13 @@ def test_two_process_sd3_lora_fine_tune_from_the_command_line(tmp_path):
     text encoders, trains, checkpoints and exports its adapter."""
     pipeline = build_tiny_sd3_pipeline(tmp_path / "tiny-sd3")
     encoder = save_tiny_random_encoder("dinov2", tmp_path / "encoder", hidden_size=32, num_hidden_layers=1)
-    launcher = ("-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29535")
-    env = {"ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
     result = run_script(
         "--model", "SD3", "--pretrained_model", str(pipeline), "--lora_rank", "4", "--dataset", "digits-captions",
         "--caption_column", "caption", "--max_train_samples", "16", "--resolution", "64", "--encoder", str(encoder),
         "--interpolate_targets", "--encoder_depth", "1", "--projector_dim", "16", "--max_train_steps", "2",
         "--global_batch_size", "4", "--mixed_precision", "no", "--report_to", "none", "--dataloader_num_workers", "0",
         "--num_validation_images", "2", "--validation_inference_steps", "2", "--output_dir", str(tmp_path / "run"),
-        env=env, launcher=launcher,
+        env=TWO_CPU_PROCESSES_ENV, launcher=(*TWO_PROCESSES, "--master_port", "29535"),
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "run" / "lora" / "pytorch_lora_weights.safetensors").is_file()

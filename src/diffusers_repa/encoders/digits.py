@@ -35,6 +35,7 @@ from ..atomic_files import write_folder_atomically
 from ..data.digits import digits_fingerprint, load_digits_arrays, split_digits
 from ..data.preprocessing import center_crop_imagenet
 from ..evaluation.alignment import linear_probe_accuracy
+from ..local_models import save_local_model
 from .families import FAMILIES
 from .registry import DIGITS_ENCODER_NAME, TOKEN_STRIDE_CONFIG_KEY
 
@@ -275,7 +276,7 @@ def pretrain_digits_encoder(
     card = _MODEL_CARD.format(**settings, **results, held_out_percent=round(100 * held_out_fraction))
     try:
         with write_folder_atomically(output_dir, replace=overwrite) as staging:
-            model.save_pretrained(staging)
+            save_local_model(model, staging)  # every process writes (see local_models)
             (staging / "README.md").write_text(card, encoding="utf-8")
             (staging / DIGITS_PRETRAINING_FILE).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     except FileExistsError:

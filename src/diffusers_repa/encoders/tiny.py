@@ -30,6 +30,7 @@ from transformers import (
 )
 
 from ..atomic_files import write_folder_atomically
+from ..local_models import save_local_model
 from .families import quiet_transformers
 from .vision_encoder import RANDOM_SMOKE_ENCODER_FLAG
 
@@ -161,6 +162,6 @@ def save_tiny_random_encoder(
 
     with write_folder_atomically(path) as staging:
         with quiet_transformers():  # it checks a default SigLIP text config whose token ids exceed its own vocabulary
-            model.save_pretrained(staging)
+            save_local_model(model, staging)
         (staging / "README.md").write_text(_MODEL_CARD.format(family=family))
     return path

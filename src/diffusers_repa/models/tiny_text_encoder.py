@@ -17,6 +17,7 @@ import torch
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from ..atomic_files import write_folder_atomically
+from ..local_models import save_local_model
 from ..text_encoding import CLIP_MAX_LENGTH, TINY_CLIP_NAME
 
 TINY_CLIP_WIDTH = 64  # the built-in one's hidden size (an MMDiT's joint_attention_dim must equal it)
@@ -78,7 +79,7 @@ def save_tiny_clip(
         return path
     with write_folder_atomically(path, replace=True) as staging:
         save_letter_tokenizer(Path(staging) / "tokenizer", max_length)
-        tiny_clip_text_encoder(hidden_size, seed=seed).save_pretrained(Path(staging) / "text_encoder")
+        save_local_model(tiny_clip_text_encoder(hidden_size, seed=seed), Path(staging) / "text_encoder")
     return path
 
 
