@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 from diffusers import StableDiffusion3Pipeline
+from safetensors.torch import load_file
 
 from diffusers_repa import MMDiTPipeline
 from diffusers_repa.data import load_latent_cache, make_train_dataloader, read_cache_info
@@ -206,6 +207,10 @@ def test_sd3_lora_with_repa_trains_resumes_exactly_and_the_adapter_loads_into_th
     # All adapters but the last block's text-query one train (SD3 drops that block's text outputs, so its gradient is
     # zero, as in diffusers' own SD3 LoRA example).
     assert len(moved) == sum("lora" in name for name in base) - 2
+
+    # The checkpoints hold the trained parameters only (adapters and head): the base comes from --pretrained_model.
+    saved = load_file(tmp_path / "straight" / "checkpoint-4" / "model.safetensors")
+    assert set(saved) == trained_names
 
     REPATrainer(sd3_args(encoder, tiny_sd3, tmp_path, "resumed", max_train_steps=2)).train()
     resumed = REPATrainer(sd3_args(encoder, tiny_sd3, tmp_path, "resumed", resume_from_checkpoint="latest"))

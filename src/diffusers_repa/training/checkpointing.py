@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import SAFE_WEIGHTS_NAME
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
@@ -91,6 +92,38 @@ def save_checkpoint(
         _publish(staging, final, output_dir, total_limit)
     accelerator.wait_for_everyone()
     return final
+
+
+def checkpoint_trained_weights_only(accelerator: Accelerator, model: torch.nn.Module) -> None:
+    """Make `accelerator.save_state` / `load_state` keep only the trained parameters of the prepared `model`.
+
+    With LoRA most of a model is frozen pretrained weights (several GB for SD3.5): a checkpoint of them would repeat
+    the base model at every save. The frozen ones come back from `--pretrained_model` when the run is rebuilt, so a
+    resume continues exactly; the checkpoint's `model.safetensors` holds the adapters (and the REPA head) only.
+    """
+    trained = {name for name, param in model.named_parameters() if param.requires_grad}
+
+    def keep_trained(models: list[torch.nn.Module], weights: list[dict], output_dir: str) -> None:
+        for index, saved in enumerate(models):
+            if saved is model:
+                weights[index] = {name: value for name, value in weights[index].items() if name in trained}
+
+    def load_trained(models: list[torch.nn.Module], input_dir: str) -> None:
+        if not any(loaded is model for loaded in models):
+            return
+        models[:] = [loaded for loaded in models if loaded is not model]  # accelerate loads the others
+        path = Path(input_dir) / SAFE_WEIGHTS_NAME
+        state = load_safetensors(path)
+        unknown, missing = sorted(set(state) - set(model.state_dict())), sorted(trained - set(state))
+        if unknown or missing:
+            raise ValueError(
+                f"{path} does not hold this run's trained parameters (missing {missing[:3]}, unknown {unknown[:3]}): "
+                "resume with the --pretrained_model and LoRA settings it was saved with."
+            )
+        model.load_state_dict(state, strict=False)
+
+    accelerator.register_save_state_pre_hook(keep_trained)
+    accelerator.register_load_state_pre_hook(load_trained)
 
 
 def _publish(staging: Path, final: Path, output_dir: Path, total_limit: int | None) -> None:

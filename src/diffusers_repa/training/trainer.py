@@ -58,6 +58,7 @@ from ..text_encoding import encode_text, load_text_encoder
 from .arguments import REPATrainingArguments
 from .checkpointing import (
     TRAINER_STATE_NAME,
+    checkpoint_trained_weights_only,
     load_safetensors,
     read_trainer_state,
     resolve_checkpoint,
@@ -212,6 +213,8 @@ class REPATrainer:
             model, build_optimizer(trainable, args), train_dataloader
         )
         self.unwrapped_model = accelerator.unwrap_model(self.model)
+        if len(trainable) < sum(1 for _ in model.parameters()):  # LoRA: the frozen base stays out of checkpoints
+            checkpoint_trained_weights_only(accelerator, self.model)
         self._setup_ema()
         if args.compile:
             self.unwrapped_model.compile_repeated_blocks(fullgraph=True)  # a graph break is a bug: fail loudly
