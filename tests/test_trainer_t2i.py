@@ -208,6 +208,10 @@ def test_sd3_lora_with_repa_trains_resumes_exactly_and_the_adapter_loads_into_th
     # zero, as in diffusers' own SD3 LoRA example).
     assert len(moved) == sum("lora" in name for name in base) - 2
 
+    # The sampling copy of the EMA shares the frozen base with the trained model instead of holding a second one.
+    ema_params = dict(straight.ema_model.named_parameters())
+    for name, param in straight.unwrapped_model.named_parameters():
+        assert (ema_params[name] is param) == (not param.requires_grad), name
     # The checkpoints hold the trained parameters only (adapters and head): the base comes from --pretrained_model.
     saved = load_file(tmp_path / "straight" / "checkpoint-4" / "model.safetensors")
     assert set(saved) == trained_names

@@ -206,9 +206,11 @@ class REPATrainer:
             diffusion_transformer(model).enable_gradient_checkpointing()
         model.to(device).train()  # label dropout (classifier-free guidance) happens inside the model in train mode
         # Copied before `prepare` (which patches the instance's `forward` with autocast, a patch a copy would inherit)
-        # and before compiling (a copy of a compiled module would run the original's blocks).
-        self.ema_model = copy.deepcopy(model).eval().requires_grad_(False)
+        # and before compiling (a copy of a compiled module would run the original's blocks). Frozen parameters (a
+        # LoRA run's pretrained base) are shared, not copied: they never change, and the copy would double the memory.
         trainable = [param for param in model.parameters() if param.requires_grad]
+        frozen = {id(param): param for param in model.parameters() if not param.requires_grad}
+        self.ema_model = copy.deepcopy(model, memo=frozen).eval().requires_grad_(False)
         self.model, self.optimizer, self.train_dataloader = accelerator.prepare(
             model, build_optimizer(trainable, args), train_dataloader
         )
