@@ -57,6 +57,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="instead of evaluating, write --reference from this folder/.npz of real images",
     )
     parser.add_argument(
+        "--center_crop",
+        type=int,
+        default=None,
+        help="with --make_reference on a folder: read its images as ADM's center crop to this side (e.g. 256)",
+    )
+    parser.add_argument(
         "--inception_weights",
         default=None,
         help="pt_inception-2015-12-05-6726825d.pth (or $DIFFUSERS_REPA_INCEPTION_WEIGHTS)",
@@ -85,6 +91,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("give --reference (the reference batch to compare with, or to write with --make_reference)")
     if args.batch_size < 1:
         raise ValueError(f"--batch_size must be at least 1, got {args.batch_size}.")
+    if args.center_crop is not None and (args.make_reference is None or args.center_crop < 1):
+        raise ValueError("--center_crop is a positive side in pixels for the images of --make_reference.")
     if args.make_reference is not None:
         check_image_source(args.make_reference, "--make_reference")
         if Path(args.reference).suffix != ".npz" or Path(args.reference).is_dir():
@@ -120,7 +128,7 @@ def main(argv=None) -> None:
         "inception_resize": args.inception_resize,
     }
     if args.make_reference is not None:
-        path = compute_reference_batch(args.make_reference, args.reference, **common)
+        path = compute_reference_batch(args.make_reference, args.reference, center_crop=args.center_crop, **common)
         print(f"Wrote reference batch {path}")
         return
     prompts = None

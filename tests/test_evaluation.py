@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from diffusers_repa.data import center_crop_imagenet
 from diffusers_repa.evaluation import (
     FID_INCEPTION_WEIGHTS_FILENAME,
     FID_METRIC_PATH,
@@ -553,3 +554,22 @@ def test_fd_dinov2_needs_reference_images_or_statistics(tmp_path):
             dinov2=nn.Identity(),
             show_progress=False,
         )
+
+
+def test_a_reference_from_a_folder_of_images_of_any_size_is_center_cropped(tmp_path):
+    """COCO val2014's images have many sizes: --center_crop reads them as the training data's ADM crop."""
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "val"
+    folder.mkdir()
+    originals = [rng.integers(0, 256, (height, width, 3), dtype=np.uint8) for height, width in [(24, 40), (37, 20)]]
+    for index, image in enumerate(originals):
+        Image.fromarray(image).save(folder / f"{index}.png")
+    common = {"inception": TinyInception(), "device": "cpu", "show_progress": False}
+    with pytest.raises(ValueError, match="center-crop them first"):
+        compute_reference_batch(folder, tmp_path / "uncropped.npz", **common)
+    path = compute_reference_batch(folder, tmp_path / "ref.npz", center_crop=16, **common)
+    with np.load(path) as stored:
+        expected = np.stack([center_crop_imagenet(image, 16) for image in originals])
+        np.testing.assert_array_equal(stored["arr_0"], expected)
+    with pytest.raises(ValueError, match="center-cropping reads a folder"):
+        compute_reference_batch(path, tmp_path / "again.npz", center_crop=16, **common)

@@ -240,8 +240,10 @@ def compute_reference_batch(
     dinov2: DINOv2Features | str | os.PathLike | None = None,
     inception_resize: ResizeConvention = "tensorflow",
     show_progress: bool = True,
+    center_crop: int | None = None,
 ) -> Path:
-    """Write a reference batch in ADM's layout from a set of real images (already center-cropped to the resolution).
+    """Write a reference batch in ADM's layout from a set of real images, center-cropped to the resolution already
+    or, for a folder, by `center_crop` (ADM's crop, as the training data: e.g. 256 for COCO val2014's images).
 
     The ``.npz`` holds ``mu``, ``sigma`` (pool, 2048) and ``mu_s``, ``sigma_s`` (spatial, 2023) over *all* images,
     ``mu_dinov2``/``sigma_dinov2`` when ``dinov2`` is given, and ``arr_0``: ``num_images_to_keep`` images drawn
@@ -251,7 +253,7 @@ def compute_reference_batch(
     """
     device = torch.device(device) if device is not None else _default_device()
     inception, dinov2 = _resolve_models(inception, inception_weights, dinov2, device, inception_resize)
-    images = open_image_set(images)
+    images = open_image_set(images, center_crop=center_crop)
     total = len(images)
     keep = np.zeros(total, dtype=bool)
     keep[np.random.default_rng(seed).choice(total, size=min(num_images_to_keep, total), replace=False)] = True

@@ -154,10 +154,15 @@ class ImageSet:
     """A fixed, ordered set of same-size RGB images, read in uint8 N×H×W×3 batches.
 
     Build with [`open_image_set`] from an ``.npz`` (``arr_0``), a folder of image files (sorted by name) or an array.
+    With `center_crop`, the images of a folder are read as ADM's center crop to that side (`center_crop_imagenet`,
+    as the training data), so a folder of real images of any sizes (e.g. COCO val2014) can be a reference.
     """
 
-    def __init__(self, source: str | os.PathLike | np.ndarray, key: str = "arr_0") -> None:
+    def __init__(
+        self, source: str | os.PathLike | np.ndarray, key: str = "arr_0", center_crop: int | None = None
+    ) -> None:
         self.key = key
+        self.center_crop = center_crop
         self.array: np.ndarray | None = None
         self.npz_path: Path | None = None
         self.files: list[Path] | None = None
@@ -167,6 +172,8 @@ class ImageSet:
             self.array = source
             return
         path = Path(source)
+        if center_crop is not None and not path.is_dir():
+            raise ValueError(f"{path}: center-cropping reads a folder of image files; an .npz holds its images as is.")
         if path.is_dir():
             self.files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
             if not self.files:
@@ -197,14 +204,25 @@ class ImageSet:
             return
         size = None
         for start in range(0, len(self.files), batch_size):
-            images = [read_image_file(path) for path in self.files[start : start + batch_size]]
+            images = [self._read(path) for path in self.files[start : start + batch_size]]
             for path, image in zip(self.files[start : start + batch_size], images):
                 size = size or image.shape
                 if image.shape != size:
                     raise ValueError(f"{path} is {image.shape}, other images are {size}; center-crop them first.")
             yield np.stack(images)
 
+    def _read(self, path: Path) -> np.ndarray:
+        if self.center_crop is None:
+            return read_image_file(path)
+        from ..data.preprocessing import center_crop_imagenet  # the data stack, only when cropping
 
-def open_image_set(source: str | os.PathLike | np.ndarray | ImageSet, key: str = "arr_0") -> ImageSet:
-    """An [`ImageSet`] over an ``.npz`` path, a folder of images or a uint8 (N, H, W, 3) array."""
-    return source if isinstance(source, ImageSet) else ImageSet(source, key)
+        with Image.open(path) as image:
+            return center_crop_imagenet(image.convert("RGB"), self.center_crop)
+
+
+def open_image_set(
+    source: str | os.PathLike | np.ndarray | ImageSet, key: str = "arr_0", center_crop: int | None = None
+) -> ImageSet:
+    """An [`ImageSet`] over an ``.npz`` path, a folder of images (optionally center-cropped to `center_crop`) or a
+    uint8 (N, H, W, 3) array."""
+    return source if isinstance(source, ImageSet) else ImageSet(source, key, center_crop)
