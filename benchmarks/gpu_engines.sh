@@ -5,7 +5,8 @@
 # accelerate runs FSDP and DeepSpeed only on accelerators, so these are the trainer's checks that CPU tests cannot
 # make (tests/test_fsdp2.py covers the step and the EMA on FSDP2 shards on the CPU). For each engine it trains the
 # main job (training/configs/quickstart.yaml, bf16) for 20 steps straight, and 10 steps then 10 more resumed from the
-# step-10 checkpoint, and compares the exported EMA weights of the two (they must be equal) and the evaluation.
+# step-10 checkpoint, and compares the exported EMA weights of the two (they must be equal) and the evaluation; on one
+# GPU the same for the text-to-image quickstart (quickstart-t2i.yaml: MMDiT, cached caption features, bf16).
 # First, the GPU attention backends (cuDNN, efficient, flash, FA3, sage, xFormers, whichever are installed) against
 # float32 attention at SiT-XL's head size (tests/test_attention.py; needs pytest, missing packages are skipped).
 # Results: $OUT (default outputs/gpu_engines) gets gpu_engines.log and one line per engine at the end.
@@ -27,12 +28,13 @@ else
   summary+=("attention backends: skipped (pytest is not installed)")
 fi
 
-TRAIN=(training/train_repa.py --config training/configs/quickstart.yaml --mixed_precision bf16 --report_to none
-  --checkpointing_steps 10 --eval_steps 20 --eval_num_samples 50)
-check() { # check NAME LAUNCH_FLAGS...: straight vs resumed under one engine
+CONFIG=training/configs/quickstart.yaml
+check() { # check NAME LAUNCH_FLAGS...: straight vs resumed under one engine (the config: $CONFIG)
   local name=$1 folder=$OUT/$1
   shift
   rm -rf "$folder"
+  local TRAIN=(training/train_repa.py --config "$CONFIG" --mixed_precision bf16 --report_to none
+    --checkpointing_steps 10 --eval_steps 20 --eval_num_samples 50)
   local launch=("$PYTHON" -m accelerate.commands.launch --num_processes 1 "$@")
   if timeout 300 "${launch[@]}" "${TRAIN[@]}" --output_dir "$folder/straight" --max_train_steps 20 &&
     timeout 300 "${launch[@]}" "${TRAIN[@]}" --output_dir "$folder/resumed" --max_train_steps 10 &&
@@ -58,6 +60,7 @@ PY
 }
 
 check single_gpu
+CONFIG=training/configs/quickstart-t2i.yaml check single_gpu_text_to_image
 check fsdp2 --use_fsdp --fsdp_version 2 --fsdp_auto_wrap_policy TRANSFORMER_BASED_WRAP \
   --fsdp_transformer_layer_cls_to_wrap SiTBlock --fsdp_state_dict_type FULL_STATE_DICT
 if "$PYTHON" -c "import deepspeed" 2>/dev/null; then
