@@ -68,6 +68,9 @@ def test_model_card_lists_metrics_and_lora_base():
     imagenet_card = str(render_model_card(REPATrainingArguments(encoder_depth=8), "me/sit-xl", num_steps=400000))
     assert "- ILSVRC/imagenet-1k" in imagenet_card and "trained from scratch on `imagenet-1k`" in imagenet_card
     assert "the output of block 8 is aligned" in imagenet_card
+    full_fine_tune = REPATrainingArguments(pretrained_model="org/sit-xl-repa", dataset="user/flowers")
+    text = str(render_model_card(full_fine_tune, "me/sit-flowers", num_steps=500))
+    assert "fine-tuned from `org/sit-xl-repa` on `user/flowers`" in text and "from scratch" not in text
 
 
 def test_remove_local_paths_cleans_a_saved_pipeline_that_still_loads(saved_pipeline, tmp_path):
