@@ -242,6 +242,19 @@ def test_sd3_lora_with_repa_trains_resumes_exactly_and_the_adapter_loads_into_th
     assert "StableDiffusion3Pipeline.from_pretrained" in card and "load_lora_weights" in card
 
 
+def test_sd3_full_fine_tune_exports_the_pipeline_with_the_trained_transformer(encoder, tiny_sd3, tmp_path):
+    trainer = REPATrainer(sd3_args(encoder, tiny_sd3, tmp_path, "full", lora_rank=0, max_train_steps=2))
+    assert all(param.requires_grad for param in trainer.unwrapped_model.parameters())
+    trainer.train()
+    exported = StableDiffusion3Pipeline.from_pretrained(tmp_path / "full" / "pipeline")
+    ema = diffusion_transformer(trainer.ema_model).state_dict()  # the EMA weights, without the REPA head
+    assert exported.transformer.state_dict().keys() == ema.keys()
+    assert all(torch.equal(value, ema[name]) for name, value in exported.transformer.state_dict().items())
+    original = StableDiffusion3Pipeline.from_pretrained(tiny_sd3).transformer.state_dict()
+    assert not all(torch.equal(value, original[name]) for name, value in ema.items())
+    assert exported.vae.config.latent_channels == 16 and exported.text_encoder is not None
+
+
 def test_sd3_needs_a_pretrained_pipeline_and_captions(encoder, tiny_sd3, tmp_path):
     with pytest.raises(
         ValueError, match=r"SD3 names a pretrained pipeline's transformer: pass it with --pretrained_model"

@@ -7,10 +7,12 @@ pipeline  = load_finetune_pipeline("stabilityai/stable-diffusion-3.5-medium")   
 model     = prepare_transformer(pipeline, projection_dims=(768,), encoder_depth=8, lora_rank=16)
 objective = SD3FlowObjective(pipeline, encoders, proj_coeff=0.5)          latents: the pipeline VAE's shift, scale
 step      = TrainingStep(accelerator, model, objective, optimizer, ema, generator)
-...
-save_lora_adapter(model, "out/lora")                   pytorch_lora_weights.safetensors (+ repa_head/)
-export_finetuned_pipeline(pipeline, model, "out/pipeline")   full weights: the whole pipeline
 ```
+
+The trainer (`--model SD3 --pretrained_model ...`) exports the pipeline with the trained transformer, or with LoRA
+only the adapter through the pipeline class's `save_lora_weights` (`export.write_export`), which
+`StableDiffusion3Pipeline.load_lora_weights` reads; the REPA head is a training-only part (it stays in the
+checkpoints).
 
 The objective is diffusers' SD3 flow matching as its training examples compute it
 (`examples/dreambooth/train_dreambooth_lora_sd3.py`): u ~ `compute_density_for_timestep_sampling` (logit-normal by
@@ -26,22 +28,18 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
 import torch
 from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler
 from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
 from peft import LoraConfig
-from peft.utils import get_peft_model_state_dict
 from torch import nn
 
-from ..atomic_files import write_folder_atomically
 from ..encoders import FrozenVisionEncoder
 from ..latents import vae_latent_shift_and_scale
 from ..losses import REPALossOutput, projection_loss
 from ..pretrained_paths import check_pretrained_source
 from ..repa_head import REPAHead, TransformerWithREPAHead, _unwrap
-from .model_setup import diffusion_transformer
 from .objectives import REPAFlowObjective
 
 # Pipelines this module fine-tunes (model_index.json `_class_name`): SD3, SD3.5 medium and large share the class.
@@ -61,8 +59,6 @@ SD3_LORA_TARGET_MODULES = [
     "attn.to_v",
 ]
 
-# Where `save_lora_adapter` puts the REPA head, beside the adapter: it is training-only (sampling never uses it).
-REPA_HEAD_FOLDER = "repa_head"
 
 
 def pipeline_class_name(name_or_path: str | os.PathLike, revision: str | None = None) -> str:
@@ -311,47 +307,3 @@ class SD3FlowObjective(REPAFlowObjective):
             loss=per_sample.mean() + self.proj_coeff * alignment, denoising_loss=per_sample, projection_loss=alignment
         )
 
-
-def save_lora_adapter(
-    model: nn.Module, folder: str | os.PathLike, pipeline_class: type[DiffusionPipeline] | None = None
-) -> Path:
-    """Write the transformer's LoRA adapter for ``pipeline_class.from_pretrained(base).load_lora_weights(folder)``.
-
-    The adapter goes through the pipeline class's `save_lora_weights` (diffusers' format:
-    `pytorch_lora_weights.safetensors`, keys ``transformer.…``); the REPA head of a [`TransformerWithREPAHead`], which
-    sampling never uses, goes to `folder/repa_head` (``REPAHead.from_pretrained``), for resuming or analysis. The
-    folder is written atomically and replaces an existing one.
-
-    Args:
-        model: a LoRA-adapted transformer, or one wrapped with its head (DDP / compile wrappers are unwrapped).
-        folder: the adapter folder.
-        pipeline_class: the class whose `save_lora_weights` writes it (default: `StableDiffusion3Pipeline`).
-    """
-    if pipeline_class is None:
-        from diffusers import StableDiffusion3Pipeline
-
-        pipeline_class = StableDiffusion3Pipeline
-    model = _unwrap(model)
-    transformer = diffusion_transformer(model)
-    with write_folder_atomically(folder, replace=True) as staging:
-        pipeline_class.save_lora_weights(staging, transformer_lora_layers=get_peft_model_state_dict(transformer))
-        if isinstance(model, TransformerWithREPAHead):
-            model.head.save_pretrained(staging / REPA_HEAD_FOLDER)
-    return Path(folder)
-
-
-def export_finetuned_pipeline(pipeline: DiffusionPipeline, model: nn.Module, folder: str | os.PathLike) -> Path:
-    """Write `pipeline` with the fully fine-tuned transformer of `model` (its head left out) as a new pipeline folder
-    (`save_pretrained`, safetensors, written atomically, replacing an existing one) and return its path. The
-    pipeline itself is left with its own transformer."""
-    transformer = diffusion_transformer(_unwrap(model))
-    if getattr(transformer, "peft_config", None):
-        raise ValueError("The transformer has LoRA adapters: save them with save_lora_adapter (or fuse them first).")
-    original = pipeline.transformer
-    pipeline.register_modules(transformer=transformer)
-    try:
-        with write_folder_atomically(folder, replace=True) as staging:
-            pipeline.save_pretrained(staging, safe_serialization=True)
-    finally:
-        pipeline.register_modules(transformer=original)
-    return Path(folder)
