@@ -22,7 +22,6 @@ import tempfile
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL
 
 from benchmarks.common import (
     add_run_arguments,
@@ -35,19 +34,12 @@ from benchmarks.common import (
     write_report,
 )
 from diffusers_repa.data import build_latent_cache, load_latent_cache, make_train_dataloader, synthetic_class_dataset
+from diffusers_repa.models.tiny_vae import tiny_random_vae
 
 
 def build_synthetic_cache(work_dir: Path, num_samples: int, resolution: int) -> Path:
-    """A cache of synthetic class images encoded by a tiny random x8 VAE (reused if already built)."""
-    vae = AutoencoderKL(
-        block_out_channels=(4, 4, 4, 4),
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=4,
-        mid_block_add_attention=False,
-    )
+    """A cache of synthetic class images encoded by the tiny random x8 VAE (reused if already built)."""
+    vae = tiny_random_vae()
     num_classes = 10
     source = synthetic_class_dataset(num_classes, math.ceil(num_samples / num_classes), resolution)
     output = work_dir / f"synthetic_cache_{num_samples}_{resolution}px"

@@ -40,6 +40,7 @@ from diffusers_repa.data import (
 from diffusers_repa.data import latent_cache as latent_cache_module
 from diffusers_repa.data import sources as sources_module
 from diffusers_repa.data.latent_cache import build_latent_cache
+from diffusers_repa.models.tiny_vae import save_tiny_random_vae, tiny_random_vae
 
 from .conftest import REPA_REFERENCE, REPO_ROOT, load_script
 
@@ -79,24 +80,10 @@ def image_folder(tmp_path_factory, adm_reference) -> Path:
     return root
 
 
-def _tiny_vae() -> AutoencoderKL:
-    # Four blocks downsample x8 like the SD-VAE (256 px -> 32x32 latents) while staying cheap on CPU.
-    torch.manual_seed(0)
-    return AutoencoderKL(
-        block_out_channels=(4, 4, 4, 4),
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=4,
-        sample_size=32,
-    )
-
-
 @pytest.fixture(scope="module")
 def vae_dir(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("vae") / "tiny-vae"
-    _tiny_vae().save_pretrained(path)
+    save_tiny_random_vae(path)
     return path
 
 
@@ -312,7 +299,7 @@ def test_vae_objects_are_recorded_by_the_folder_they_came_from(tmp_path, vae_dir
     loaded = build_latent_cache(source, tmp_path / "loaded", AutoencoderKL.from_pretrained(vae_dir), 32, **settings)
     info = read_cache_info(loaded)
     assert info.vae == "tiny-vae" and cache_vae_matches(info, vae_dir)
-    in_memory = build_latent_cache(source, tmp_path / "in_memory", _tiny_vae(), 32, **settings)
+    in_memory = build_latent_cache(source, tmp_path / "in_memory", tiny_random_vae(), 32, **settings)
     info = read_cache_info(in_memory)
     assert (info.vae, info.vae_hash) == ("in-memory AutoencoderKL", None) and not cache_vae_matches(info, vae_dir)
     moved_away = AutoencoderKL.from_pretrained(shutil.copytree(vae_dir, tmp_path / "gone-vae"))
