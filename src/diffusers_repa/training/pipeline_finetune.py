@@ -60,7 +60,6 @@ SD3_LORA_TARGET_MODULES = [
 ]
 
 
-
 def pipeline_class_name(name_or_path: str | os.PathLike, revision: str | None = None) -> str:
     """The `_class_name` in the `model_index.json` of a pipeline folder or Hub repo, if this module supports it.
 
@@ -306,4 +305,3 @@ class SD3FlowObjective(REPAFlowObjective):
         return REPALossOutput(
             loss=per_sample.mean() + self.proj_coeff * alignment, denoising_loss=per_sample, projection_loss=alignment
         )
-
