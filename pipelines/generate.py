@@ -58,7 +58,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="CFG on low<=t<=high",
     )
     parser.add_argument(
-        "--label_sampling", choices=["random", "equal"], default="random", help="class-conditional only"
+        "--label_sampling",
+        choices=["random", "equal"],
+        default=None,
+        help="class labels: uniform at random (the original's, the default) or every class equally often",
     )
     prompts = parser.add_argument_group("text-to-image prompts (MMDiTPipeline); sample i gets prompt i mod P")
     prompts.add_argument("--prompts_file", default=None, help="a text file, one prompt per line (or a JSON list)")
@@ -80,6 +83,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         raise ValueError("--heun is an ODE solver option; add --sampler ode.")
     if args.prompts_file is not None and args.captions_dataset is not None:
         raise ValueError("Give the prompts once: --prompts_file or --captions_dataset, not both.")
+    if args.label_sampling is not None and (args.prompts_file or args.captions_dataset):
+        raise ValueError("--label_sampling chooses class labels; text-to-image samples follow their prompts: drop it.")
     if args.prompts_file is not None and not Path(args.prompts_file).is_file():
         raise FileNotFoundError(f"--prompts_file {args.prompts_file} is not a file.")
     for flag in ("num_samples", "batch_size", "steps"):
@@ -122,7 +127,7 @@ def main(argv=None) -> None:
         heun=args.heun,
         guidance_scale=args.guidance_scale,
         guidance_interval=tuple(args.guidance_interval),
-        label_sampling=args.label_sampling,
+        label_sampling=args.label_sampling or "random",
         path_type=args.path_type,
         npz_path=args.npz,
         mixed_precision=args.mixed_precision,

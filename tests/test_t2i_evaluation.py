@@ -246,6 +246,13 @@ def test_prompts_and_pipelines_must_match(tmp_path, mmdit_folder, capsys):
         generate_script, ["--pipeline", str(mmdit_folder), "--output_dir", str(tmp_path / "b"), *common], capsys
     )
     assert line.startswith("script.py: error: The MMDiTPipeline is text-to-image: give the prompts")
+    line = error_line(
+        generate_script,
+        ["--pipeline", str(mmdit_folder), "--output_dir", str(tmp_path / "b"), "--prompts_file", str(prompts_file),
+         "--label_sampling", "equal", *common],
+        capsys,
+    )  # fmt: skip
+    assert line.startswith("script.py: error: --label_sampling chooses class labels; text-to-image samples follow")
     assert not list(tmp_path.glob("[ab]/*.png"))
 
     # Without a text encoder an MMDiTPipeline cannot encode prompts: refused before any sample.
