@@ -18,6 +18,8 @@ from typing import Literal, get_args
 import yaml
 from transformers import HfArgumentParser
 
+from ..presets import ModelFamily, preset_family
+
 
 def _help(text: str) -> dict[str, str]:
     return {"help": text}
@@ -257,7 +259,7 @@ class REPATrainingArguments:
         # pretrained model brings its own shape.
         if self.pretrained_model is None:
             # Imported after the cheap checks, which thus answer without loading torch.
-            from ..models.presets import parse_preset
+            from ..presets import parse_preset
 
             try:
                 preset = parse_preset(self.model)
@@ -278,16 +280,16 @@ class REPATrainingArguments:
                     f"{source} {encoder_depth} is not a block of a {depth}-block model (--depth, or {self.model}'s): "
                     f"pass --encoder_depth between 1 and {depth}."
                 )
-        family = self.model.strip().lower().split("-", 1)[0]
-        if family in ("mmdit", "sd3") and self.caption_column is None:
+        family = self.family
+        if family in ("MMDiT", "SD3") and self.caption_column is None:
             raise ValueError(
                 f"--model {self.model} is text-to-image: pass --caption_column (e.g. 'caption' for --dataset "
                 "digits-captions), the captions it learns from."
             )
-        if family == "sd3":  # (without --pretrained_model, the preset check above said so)
+        if family == "SD3":  # (without --pretrained_model, the preset check above said so)
             if self.vae == DEFAULT_VAE and os.path.isdir(os.path.join(self.pretrained_model, "vae")):
                 self.vae = os.path.join(self.pretrained_model, "vae")  # the pipeline's own VAE
-        elif family == "mmdit":
+        elif family == "MMDiT":
             unsupported = {
                 "--lora_rank": self.lora_rank,
                 "--qk_norm": self.qk_norm,
@@ -299,12 +301,12 @@ class REPATrainingArguments:
             named = [flag for flag, given in unsupported.items() if given]
             if named:
                 raise ValueError(f"--model {self.model} (an MMDiT) does not support {', '.join(named)} yet; drop it.")
-        elif family != "sd3" and self.caption_column is not None:
+        elif family != "SD3" and self.caption_column is not None:
             raise ValueError(
                 f"--caption_column trains on captions, which --model {self.model} (class-conditional) cannot use: "
                 "pass --model MMDiT-<depth>/<patch>, or drop --caption_column."
             )
-        if self.model.strip().lower().startswith("dit-"):
+        if family == "DiT":
             # What the DiT path (diffusers' DiTTransformer2DModel and DiTPipeline) does not do yet.
             unsupported = {
                 "--lora_rank": self.lora_rank,
@@ -325,6 +327,11 @@ class REPATrainingArguments:
         return {name.strip() for name in (self.resume_with_changes or "").split(",") if name.strip()}
 
     @property
+    def family(self) -> ModelFamily:
+        """The model family `--model` names: "SiT", "DiT", "MMDiT" or "SD3" (see `presets.preset_family`)."""
+        return preset_family(self.model)
+
+    @property
     def is_text_to_image(self) -> bool:
         return self.caption_column is not None
 
@@ -332,7 +339,7 @@ class REPATrainingArguments:
     def caches_text_features(self) -> bool:
         """Whether the latent cache holds the captions' text features (an MMDiT's --text_encoder); a pretrained
         pipeline (SD3) encodes the drawn captions with its own text encoders at every step."""
-        return self.is_text_to_image and not self.model.strip().lower().startswith("sd3")
+        return self.is_text_to_image and self.family != "SD3"
 
     @property
     def validation_prompt_list(self) -> list[str] | None:

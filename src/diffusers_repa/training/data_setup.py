@@ -15,6 +15,7 @@ from ..data import (
     CACHE_INFO_FILE,
     LatentCacheInfo,
     build_latent_cache,
+    cache_text_encoder_matches,
     cache_vae_matches,
     check_cache_source,
     is_pixel_space_vae,
@@ -22,7 +23,6 @@ from ..data import (
     make_train_dataloader,
     read_cache_info,
 )
-from ..data.latent_cache import cache_text_encoder_matches
 from .arguments import REPATrainingArguments
 from .preflight import check_sources_reachable, default_cache_dir
 

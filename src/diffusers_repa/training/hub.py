@@ -18,7 +18,6 @@ from typing import Any
 from huggingface_hub import EvalResult, ModelCard, ModelCardData, create_repo, upload_folder
 
 from ..data import DIGITS_DATASET, IMAGENET_1K_REPO_ID
-from ..models.presets import preset_family
 from .arguments import REPATrainingArguments
 
 # The Jinja template lives in the repository's model_cards/ folder; templates/sit_repa.md links to it so that it is
@@ -164,7 +163,7 @@ def render_model_card(
         raise FileNotFoundError(f"Model card template {template_path} not found; pass template_path=.")
     is_lora = args.use_lora
     base_model_on_hub = args.pretrained_model is not None and not is_local_path(args.pretrained_model)
-    family = preset_family(args.model).lower()
+    family = args.family.lower()
     task = "text-to-image" if args.is_text_to_image else "class-conditional"
     tags = ["diffusers", family, "repa", task, "image-generation"] + (["lora"] if is_lora else [])
     model_name = (

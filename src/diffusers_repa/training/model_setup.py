@@ -11,9 +11,9 @@ from peft import LoraConfig
 from torch import nn
 
 from ..data import LatentCacheInfo
-from ..models.presets import parse_preset, preset_family
 from ..models.transformer_mmdit import MMDiTTransformer2DModel
 from ..models.transformer_sit import SiTTransformer2DModel
+from ..presets import parse_preset
 from ..repa_head import REPAHead, TransformerWithREPAHead, _unwrap
 from .arguments import REPATrainingArguments
 
@@ -26,7 +26,7 @@ def resolve_encoder_depth(args: REPATrainingArguments) -> int:
     """The block whose output is aligned: --encoder_depth, else the pretrained model's or the preset's."""
     if args.encoder_depth is not None:
         return args.encoder_depth
-    family = preset_family(args.model)
+    family = args.family
     if family == "SD3":
         return SD3_ENCODER_DEPTH
     if args.pretrained_model is not None and family != "DiT":
@@ -182,7 +182,7 @@ def build_model(
     """A new SiT of the preset size for the cache's inputs (latents, or pixels without a VAE), the
     `--pretrained_model` transformer (with LoRA adapters if asked), with one projector per alignment target — or, for
     a DiT preset, [`build_dit`], and for an MMDiT (text features `text_dim` wide), [`build_mmdit`]."""
-    family = preset_family(args.model)
+    family = args.family
     if family == "DiT":
         return build_dit(args, info, projection_dims)
     if family == "MMDiT":

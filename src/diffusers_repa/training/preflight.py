@@ -16,8 +16,7 @@ from huggingface_hub import get_session
 from transformers import AutoConfig
 
 from ..cli import UserError
-from ..data import DIGITS_DATASET, is_pixel_space_vae, load_image_source
-from ..data.digits import DIGITS_CAPTIONS_DATASET
+from ..data import DIGITS_CAPTIONS_DATASET, DIGITS_DATASET, is_pixel_space_vae, load_image_source
 from ..encoders import (
     DIGITS_ENCODER_NAME,
     ENCODER_ALIASES,
@@ -25,9 +24,9 @@ from ..encoders import (
     TOKEN_STRIDE_CONFIG_KEY,
     builtin_encoder_folder,
 )
-from ..models.presets import parse_preset
 from ..models.tiny_text_encoder import TINY_CLIP_NAME
 from ..models.transformer_sit import SiTTransformer2DModel
+from ..presets import parse_preset
 from .arguments import REPATrainingArguments
 
 logger = logging.getLogger(__name__)
@@ -171,7 +170,7 @@ def _check_shapes(args: REPATrainingArguments, report: _SourceReport) -> None:
     else:
         model, patch_size = f"--pretrained_model {args.pretrained_model}", pretrained["patch_size"]
         # SD3 crops its position table to any resolution's latents: only the channels must fit.
-        size = latent_size if args.model.strip().lower().startswith("sd3") else pretrained["sample_size"]
+        size = latent_size if args.family == "SD3" else pretrained["sample_size"]
         if (size, pretrained["in_channels"]) != (latent_size, channels):
             raise ValueError(
                 f"{model} works on {pretrained['in_channels']}×{pretrained['sample_size']}² inputs, but --resolution "

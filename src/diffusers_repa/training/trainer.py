@@ -46,10 +46,9 @@ from safetensors.torch import save_file
 from torch.distributed.tensor import DTensor
 from tqdm.auto import tqdm
 
-from ..data.latent_cache import load_empty_text_features
+from ..data import load_empty_text_features
 from ..encoders import check_token_grid, load_encoders
 from ..latents import latent_shift_and_scale
-from ..models.presets import preset_family
 from ..pipelines.pipeline_mmdit import MMDiTPipeline
 from ..pipelines.pipeline_sit import SiTPipeline
 from ..precision import DTYPES
@@ -174,7 +173,6 @@ class REPATrainer:
             if args.proj_coeff > 0
             else []
         )
-        self.family = preset_family(args.model)
         projection_dims = tuple(encoder.embed_dim for encoder in self.encoders)
         # Text-to-image: an MMDiT's frozen text encoder (for the export, prompts and caches without text features).
         self.tokenizer = self.text_encoder = None
@@ -183,7 +181,7 @@ class REPATrainer:
         # A pretrained SD3-family pipeline brings its transformer (made trainable: LoRA or full weights, plus a
         # REPA head), its frozen text encoders and its VAE.
         self.finetuned_pipeline = None
-        if self.family == "SD3":
+        if args.family == "SD3":
             self.finetuned_pipeline = load_finetune_pipeline(args.pretrained_model, device=device)
             self.vae = self.finetuned_pipeline.vae
             model = prepare_transformer(
@@ -234,22 +232,24 @@ class REPATrainer:
         # The objective of the model family: SiT's flow matching, DiT's improved DDPM (same inputs and targets), the
         # flow matching of a text-to-image MMDiT conditioned on caption features with caption dropout, or SD3's own
         # flow matching (diffusers' training examples) on the pipeline's text encoders' features.
-        self.is_dit = self.family == "DiT"
-        objective_class, objective_kwargs = REPAFlowObjective, {}
-        if self.family in ("SiT", "MMDiT"):
-            objective_kwargs = {"path_type": args.path_type, "time_sampling": args.time_sampling}
+        self.is_dit = args.family == "DiT"
         if self.is_dit:
-            objective_class = DDPMObjective
-        elif self.family == "SD3":
+            objective_class, objective_kwargs = DDPMObjective, {}
+        elif args.family == "SD3":
             objective_class = SD3FlowObjective
             objective_kwargs = {"pipeline": self.finetuned_pipeline, "caption_dropout_prob": args.cfg_prob}
-        elif args.is_text_to_image:
+        elif args.family == "MMDiT":
             objective_class = TextToImageObjective
-            objective_kwargs.update(
-                null_context=self._empty_caption_features().to(device),
-                caption_dropout=args.cfg_prob,
-                encode_text=None if info.text_encoder is not None else self._encode_captions,
-            )
+            objective_kwargs = {
+                "path_type": args.path_type,
+                "time_sampling": args.time_sampling,
+                "null_context": self._empty_caption_features().to(device),
+                "caption_dropout": args.cfg_prob,
+                "encode_text": None if info.text_encoder is not None else self._encode_captions,
+            }
+        else:
+            objective_class = REPAFlowObjective
+            objective_kwargs = {"path_type": args.path_type, "time_sampling": args.time_sampling}
         self.objective = objective_class(
             encoders=self.encoders,
             proj_coeff=args.proj_coeff,
@@ -384,7 +384,6 @@ class REPATrainer:
             return load_empty_text_features(self.cache_dir).float()
         return self._encode_captions([""])
 
-    @torch.no_grad()
     def _encode_captions(self, captions: list[str]) -> torch.Tensor:
         """Text features (N, L, D) of captions, with the run's frozen text encoder (caches without features)."""
         return encode_text(self.tokenizer, self.text_encoder, captions).float()

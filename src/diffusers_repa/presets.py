@@ -1,5 +1,8 @@
 """Model presets by name, for the trainer and the scripts: the family a name asks for and its sizes.
 
+Importing this module loads no torch (the models' modules are imported when a preset is parsed), so that argument
+checks can ask for a name's family and `--help` stays fast.
+
 - ``SiT-{S,B,L,XL}/{2,4,8}``: the original SiT family (flow matching), `SiTTransformer2DModel`.
 - ``DiT-{S,B,L,XL}/{2,4,8}``: the same sizes as diffusers' `DiTTransformer2DModel` (improved DDPM).
 - ``MMDiT-<depth>/<patch>``: REPA's text-to-image `MMDiTTransformer2DModel` with the original's sizing (width
@@ -12,9 +15,6 @@ from __future__ import annotations
 
 import re
 from typing import Literal
-
-from .transformer_mmdit import MMDIT_HEAD_DIM
-from .transformer_sit import DIT_PRESETS, SIT_PRESETS, parse_sit_preset
 
 ModelFamily = Literal["SiT", "DiT", "MMDiT", "SD3"]
 
@@ -31,6 +31,9 @@ def preset_family(name: str) -> ModelFamily:
 def parse_preset(name: str) -> dict[str, int]:
     """Config values of a preset name (case-insensitive): ``depth``, ``hidden_size``, ``num_attention_heads``,
     ``patch_size`` and ``encoder_depth`` (the aligned block, 1-based)."""
+    from .models.transformer_mmdit import MMDIT_HEAD_DIM
+    from .models.transformer_sit import DIT_PRESETS, SIT_PRESETS, parse_sit_preset
+
     family = preset_family(name)
     if family == "SD3":
         raise ValueError(f"{name} names a pretrained pipeline's transformer: pass it with --pretrained_model.")
