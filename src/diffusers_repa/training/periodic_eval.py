@@ -20,8 +20,7 @@ import numpy as np
 import torch
 from diffusers import DiffusionPipeline
 
-from ..data import DIGITS_DATASET, LatentCacheBatches, load_latent_cache
-from ..data.digits import DIGITS_CAPTIONS_DATASET
+from ..data import DIGITS_CAPTIONS_DATASET, DIGITS_DATASET, LatentCacheBatches, load_latent_cache
 from ..evaluation import append_eval_row, build_training_evaluator, plot_eval_curves, read_eval_rows, sample_labels
 from .arguments import REPATrainingArguments
 
@@ -42,19 +41,19 @@ def evaluation_captions(cache_dir: Path, labels: np.ndarray | None, count: int) 
     """Prompts from the cache's captions: for each of `labels` the first caption of the next training image of that
     class (so a sample's class is the caption's), or without labels the first captions of the first `count` images."""
     dataset = load_latent_cache(cache_dir)
-    captions = dataset["caption"]  # the cache's captions: a list per image
     if labels is None:
-        return [captions[index % len(captions)][0] for index in range(count)]
-    rows_of_class: dict[int, list[int]] = {}
-    for row, label in enumerate(dataset["label"]):
-        rows_of_class.setdefault(int(label), []).append(row)
-    seen: dict[int, int] = {}
-    prompts = []
-    for label in labels.tolist():
-        rows = rows_of_class[label]
-        prompts.append(captions[rows[seen.get(label, 0) % len(rows)]][0])
-        seen[label] = seen.get(label, 0) + 1
-    return prompts
+        rows = [index % len(dataset) for index in range(count)]
+    else:
+        rows_of_class: dict[int, list[int]] = {}
+        for row, label in enumerate(dataset["label"]):
+            rows_of_class.setdefault(int(label), []).append(row)
+        seen: dict[int, int] = {}
+        rows = []
+        for label in labels.tolist():
+            rows.append(rows_of_class[label][seen.get(label, 0) % len(rows_of_class[label])])
+            seen[label] = seen.get(label, 0) + 1
+    # Only the captions of those rows are read (a COCO cache holds ~400,000).
+    return [captions[0] for captions in dataset.select(rows)["caption"]]
 
 
 def _reference_batches(cache_dir: Path, num_images: int) -> Iterator[torch.Tensor]:
