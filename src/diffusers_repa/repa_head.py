@@ -48,7 +48,7 @@ KNOWN_TRANSFORMERS: dict[str, tuple[str, int | None]] = {
 }
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
+def unwrap_model(model: nn.Module) -> nn.Module:
     """The model inside DDP (`.module`) and `torch.compile` (`._orig_mod`) wrappers."""
     while True:
         inner = next(
@@ -139,7 +139,7 @@ class REPAHead(ModelMixin, ConfigMixin):
 
         The token width is read from the transformer's config; `overrides` replace `block_list`, `output_index`.
         """
-        transformer = _unwrap(transformer)
+        transformer = unwrap_model(transformer)
         name = type(transformer).__name__
         if name not in KNOWN_TRANSFORMERS and "block_list" not in overrides:
             raise ValueError(
@@ -160,7 +160,7 @@ class REPAHead(ModelMixin, ConfigMixin):
 
     def hooked_block(self, transformer: nn.Module) -> nn.Module:
         """The block of `transformer` whose output is captured: ``getattr(transformer, block_list)[encoder_depth − 1]``."""
-        transformer = _unwrap(transformer)
+        transformer = unwrap_model(transformer)
         blocks = getattr(transformer, self.config.block_list, None)
         if not isinstance(blocks, nn.ModuleList):
             raise ValueError(f"{type(transformer).__name__} has no block list {self.config.block_list!r}.")

@@ -14,7 +14,7 @@ from ..data import LatentCacheInfo
 from ..models.transformer_mmdit import MMDiTTransformer2DModel
 from ..models.transformer_sit import SiTTransformer2DModel
 from ..presets import parse_preset
-from ..repa_head import REPAHead, TransformerWithREPAHead, _unwrap
+from ..repa_head import REPAHead, TransformerWithREPAHead
 from .arguments import REPATrainingArguments
 
 # LoRA goes on the attention and MLP linears of every block (names relative to a SiTBlock; the attention ones are
@@ -173,7 +173,7 @@ def diffusion_transformer(model: nn.Module) -> nn.Module:
 def token_count(model: nn.Module, latent_size: int) -> int:
     """Image tokens T = (latent_size / patch_size)² of a transformer (or a wrapped one) on latent_size² inputs (its
     config's sample_size for SiT, DiT and MMDiT; SD3 crops its position table to any size)."""
-    return (latent_size // diffusion_transformer(_unwrap(model)).config.patch_size) ** 2
+    return (latent_size // diffusion_transformer(model).config.patch_size) ** 2
 
 
 def build_model(

@@ -39,7 +39,7 @@ from ..encoders import FrozenVisionEncoder
 from ..latents import vae_latent_shift_and_scale
 from ..losses import REPALossOutput, projection_loss
 from ..pretrained_paths import check_pretrained_source
-from ..repa_head import REPAHead, TransformerWithREPAHead, _unwrap
+from ..repa_head import REPAHead, TransformerWithREPAHead, unwrap_model
 from .objectives import REPAFlowObjective
 
 # Pipelines this module fine-tunes (model_index.json `_class_name`): SD3, SD3.5 medium and large share the class.
@@ -294,7 +294,7 @@ class SD3FlowObjective(REPAFlowObjective):
         x_sigma = (1.0 - sigmas) * x_0 + sigmas * noise
         align = bool(targets) and self.proj_coeff != 0
         inputs = {"hidden_states": x_sigma, "timestep": timesteps, **condition, "return_dict": False}
-        if isinstance(_unwrap(model), TransformerWithREPAHead):
+        if isinstance(unwrap_model(model), TransformerWithREPAHead):
             prediction, projections = model(**inputs, return_projections=align)
         else:
             prediction, projections = model(**inputs)[0], ()
