@@ -71,6 +71,7 @@ def test_model_card_lists_metrics_and_lora_base():
     full_fine_tune = REPATrainingArguments(pretrained_model="org/sit-xl-repa", dataset="user/flowers")
     text = str(render_model_card(full_fine_tune, "me/sit-flowers", num_steps=500))
     assert "fine-tuned from `org/sit-xl-repa` on `user/flowers`" in text and "from scratch" not in text
+    assert "text_encoder" not in text  # a class-conditional model has none
 
 
 def test_remove_local_paths_cleans_a_saved_pipeline_that_still_loads(saved_pipeline, tmp_path):

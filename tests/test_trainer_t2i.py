@@ -107,6 +107,7 @@ def test_mmdit_trains_resumes_exactly_exports_and_samples_by_prompt(encoder, cac
     card = (export / "README.md").read_text()
     assert "pipeline_tag: text-to-image" in card and "text-to-image" in card and "MMDiTPipeline" in card
     assert straight.validation_conditions[0] in card  # the grid's prompts
+    assert "| `text_encoder` | `tiny-clip` |" in card and "| `caption_column` | `caption` |" in card
 
 
 def test_caption_dropout_replaces_whole_contexts_with_the_empty_captions_reproducibly():

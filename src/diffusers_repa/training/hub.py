@@ -180,11 +180,13 @@ def render_model_card(
         eval_results=_eval_results(args, metrics or {}),
     )
     settings = dataclasses.asdict(args)
-    lora_only = () if is_lora else ("pretrained_model", "lora_rank", "lora_alpha")
+    # Settings that mean nothing for this run: LoRA's without LoRA, the MMDiT's text encoder for any other model.
+    unused = () if is_lora else ("pretrained_model", "lora_rank", "lora_alpha")
+    unused += () if args.caches_text_features else ("text_encoder",)
     training_config = {
         name: _card_value(settings[name])
         for name in _CARD_SETTINGS
-        if settings[name] is not None and name not in lora_only
+        if settings[name] is not None and name not in unused
     }
     return ModelCard.from_template(
         card_data,
